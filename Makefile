@@ -1,0 +1,40 @@
+# gims — developer entry points. Every target works on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: deps check test unit demo sandbox sandbox-down bench clean
+
+# Install the Debian packages and the venv the project needs (idempotent).
+deps: $(STAMP)
+$(STAMP): .ci/apt-packages.txt requirements-test.txt pyproject.toml
+	tools/install-deps.sh $(VENV)
+	touch $@
+
+# The test suite, integration tests included (they need root: namespaces, systemd sandbox).
+check: deps
+	$(PY) -m pytest -p no:cacheprovider tests
+
+test: check
+
+# Unit tests only (no root needed for most).
+unit: deps
+	$(PY) -m pytest -p no:cacheprovider tests -m "not integration"
+
+# The main job end to end.
+demo: deps
+	tools/demo.sh
+
+# A throwaway capture node: systemd in a PID+mount namespace, units, polkit, traffic, gimsd on :8001.
+sandbox: deps
+	sandbox/up.sh
+
+sandbox-down:
+	sandbox/down.sh
+
+bench: deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
