@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Upload throughput of gims's back-ends against the standard tools, same file, same servers,
+same run:
+
+- S3: gims's S3 back-end (boto3) vs ``aws s3 cp`` (awscli), both against one moto server
+  (a separate process, real HTTP on loopback);
+- SFTP: gims's SFTP back-end (paramiko) vs OpenSSH ``sftp -b``, both against one sshd on a
+  loopback port with throwaway keys.
+
+Rounds alternate the tools; the table shows the median MB/s (1 MB = 10^6 bytes) and the median
+of the per-round ratios gims/peer. Peer times include their process start-up (that is what an
+operator pays); gims times are the back-end's put + verify in this process.
+
+    python bench/bench_upload.py [--size-mb 128] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gimsd.storage._botocompat import ensure_botocore_importable  # noqa: E402
+
+ensure_botocore_importable()
+
+import gimsd.storage as storage  # noqa: E402
+from tests.storage.conftest import Sshd, free_port, wait_port  # noqa: E402
+
+MOTO_LAUNCH = ("import sys; sys.path.insert(0, %r);"
+               "from gimsd.storage._botocompat import ensure_botocore_importable as e; e();"
+               "from moto.server import main; main(['-H', '127.0.0.1', '-p', sys.argv[1]])")
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-sftp", action="store_true")
+    ap.add_argument("--skip-s3", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix=f"gims-storage-bench-{os.getpid()}-"))
+    data = work / "payload.bin"
+    size = args.size_mb * 1_000_000
+    with open(data, "wb") as f:
+        for _ in range(args.size_mb):
+            f.write(os.urandom(1_000_000))
+    rows = []
+    procs = []
+    try:
+        if not args.skip_s3:
+            # Debian's awscli first (what .ci installs), else whatever aws is on PATH
+            aws = "/usr/bin/aws" if os.path.exists("/usr/bin/aws") else shutil.which("aws")
+            port = free_port()
+            moto = subprocess.Popen([sys.executable, "-c", MOTO_LAUNCH % str(REPO), str(port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(moto)
+            wait_port(port, 30)
+            endpoint = f"http://127.0.0.1:{port}"
+            settings = {"experiment": "bench", "storagetype": "s3",
+                        "storageparams": {"s3key": "AKIABENCH0000000", "s3secret": "b" * 40,
+                                          "s3bucket": "gims-bench", "s3endpoint": endpoint},
+                        "node": {"create_bucket": True}}
+            backend = storage.make_backend(settings)
+            env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIABENCH0000000",
+                       AWS_SECRET_ACCESS_KEY="b" * 40, AWS_DEFAULT_REGION="us-east-1",
+                       AWS_PAGER="")
+            aws_cmd = [aws, "s3", "cp", "--only-show-errors", "--endpoint-url", endpoint,
+                       str(data), "s3://gims-bench/aws-copy.bin"] if aws else None
+            g, a = [], []
+            for _ in range(args.rounds):
+                g.append(timed(lambda: (backend.put(str(data), "gims-copy.bin"),
+                                        backend.verify("gims-copy.bin", size, None))))
+                if aws_cmd:
+                    a.append(timed(lambda: run(aws_cmd, env)))
+            backend.close()
+            rows.append(("S3 (moto)", "gims s3 back-end (boto3 put + head)", g,
+                         " ".join(aws_cmd[:-2] + ["FILE", "s3://gims-bench/KEY"]) if aws_cmd
+                         else "aws: not installed", a))
+        if not args.skip_sftp:
+            sshd = Sshd(work / "sshd")
+            procs.append(sshd)
+            keyfile = work / "sshd" / "user_ed25519"
+            kh = work / "known_hosts"
+            kh.write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_pub()}\n")
+            settings = {"experiment": "bench", "storagetype": "ssh",
+                        "storageparams": sshd.params(), "node": {}}
+            backend = storage.make_backend(settings)
+            batch = work / "batch"
+            (sshd.remote / "bench").mkdir(exist_ok=True)
+            batch.write_text(f"put {data} {sshd.remote}/bench/sftp-copy.bin\n")
+            sftp_cmd = ["sftp", "-q", "-b", str(batch), "-i", str(keyfile), "-P", str(sshd.port),
+                        "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
+                        "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1"]
+            g, o = [], []
+            for _ in range(args.rounds):
+                g.append(timed(lambda: (backend.put(str(data), "gims-copy.bin"),
+                                        backend.verify("gims-copy.bin", size, None))))
+                o.append(timed(lambda: run(sftp_cmd)))
+            backend.close()
+            rows.append(("SFTP (OpenSSH sshd)", "gims ssh back-end (paramiko put + stat)", g,
+                         " ".join(sftp_cmd), o))
+    finally:
+        for p in procs:
+            if isinstance(p, subprocess.Popen):
+                p.kill()
+                p.wait()
+            else:
+                p.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"file: {args.size_mb} MB of random data, {args.rounds} rounds, alternating; "
+          f"median MB/s (1 MB = 10^6 B)")
+    print(f"{'server':22} {'gims MB/s':>10} {'peer MB/s':>10} {'gims/peer':>10}")
+    for server, gdesc, g, pcmd, p in rows:
+        gm = statistics.median(mbps(size, t) for t in g)
+        if p:
+            pm = statistics.median(mbps(size, t) for t in p)
+            ratio = statistics.median(pt / gt for gt, pt in zip(g, p))
+            print(f"{server:22} {gm:10.1f} {pm:10.1f} {ratio:10.2f}")
+        else:
+            print(f"{server:22} {gm:10.1f} {'n/a':>10} {'n/a':>10}")
+        print(f"    gims: {gdesc}")
+        print(f"    peer: {pcmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
