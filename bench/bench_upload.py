@@ -40,6 +40,25 @@ MOTO_LAUNCH = ("import sys; sys.path.insert(0, %r);"
                "from moto.server import main; main(['-H', '127.0.0.1', '-p', sys.argv[1]])")
 
 
+#: awscli lives in its own venv: Debian's awscli package brings python3-awscrt 0.16, which
+#: moto 5 (in the test venv, which sees system site-packages) then uses and fails on
+#: (no crc64nvme) at CompleteMultipartUpload; pip's awscli v1 next to the test venv would
+#: replace Debian's botocore. A separate venv disturbs neither.
+AWSCLI_VENV = Path("/var/tmp/gims-bench-awscli")
+
+
+def find_awscli(install: bool) -> str | None:
+    aws = shutil.which("aws")
+    if aws:
+        return aws
+    venv_aws = AWSCLI_VENV / "bin" / "aws"
+    if not venv_aws.exists() and install:
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(AWSCLI_VENV)], check=True)
+        subprocess.run([str(AWSCLI_VENV / "bin" / "pip"), "install", "-q", "awscli"],
+                       check=True)
+    return str(venv_aws) if venv_aws.exists() else None
+
+
 def mbps(size: int, seconds: float) -> float:
     return size / seconds / 1e6
 
@@ -62,6 +81,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-sftp", action="store_true")
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--install-awscli", action="store_true",
+                    help="if no aws is on PATH, pip-install awscli into its own venv "
+                         f"({AWSCLI_VENV})")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix=f"gims-storage-bench-{os.getpid()}-"))
@@ -74,8 +96,7 @@ def main() -> int:
     procs = []
     try:
         if not args.skip_s3:
-            # Debian's awscli first (what .ci installs), else whatever aws is on PATH
-            aws = "/usr/bin/aws" if os.path.exists("/usr/bin/aws") else shutil.which("aws")
+            aws = find_awscli(args.install_awscli)
             port = free_port()
             moto = subprocess.Popen([sys.executable, "-c", MOTO_LAUNCH % str(REPO), str(port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
