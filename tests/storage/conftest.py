@@ -191,7 +191,7 @@ class Sshd:
 
     def auth_failures(self) -> int:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text.count("Connection from 127.0.0.1")
+        return text.count("Failed publickey for ")
 
     def params(self, kt: str = "ed25519", **kw) -> dict:
         p = {"sshuser": self.user, "sshhost": "127.0.0.1", "sshport": self.port,
