@@ -326,6 +326,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gims-upload: --spool: {spool} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     log = UploadLog(spool, exp)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def refuse(msg: str) -> int:
+        log.error(msg)
+        StatusFile(spool, exp).error(msg, permanent=True)
+        if not args.once and not args.test:
+            # Under the .path unit an immediate exit would be restarted at once, over and
+            # over, until systemd's start limit stops the unit for good. Wait instead; the
+            # next start reads the credential again (gimsd may have fixed it meanwhile).
+            stop.wait(DEFAULT_TUNING["permanent_retry_seconds"])
+        return EXIT_USAGE
+
     try:
         settings = load_settings(spath)
         if settings.get("experiment") != exp:
@@ -333,10 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"experiment: settings file is for {settings.get('experiment')!r}, "
                              f"not {exp!r}")
     except (OSError, ValueError) as e:
-        msg = f"cannot use storage settings: {e.strerror if isinstance(e, OSError) else e}"
-        log.error(msg)
-        StatusFile(spool, exp).error(msg, permanent=True)
-        return EXIT_USAGE
+        return refuse(f"cannot use storage settings: "
+                      f"{e.strerror if isinstance(e, OSError) else e}")
 
     if args.test:
         ok, reason = storage.test_storage(settings)
@@ -347,16 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError) as e:
         params = settings.get("storageparams") or {}
         secrets = [v for k, v in params.items() if k in storage.SECRET_KEYS and isinstance(v, str)]
-        msg = storage.redact(f"cannot use storage settings: {e}", secrets)
         log.secrets.extend(secrets)
-        log.error(msg)
-        StatusFile(spool, exp).error(msg, permanent=True)
-        return EXIT_USAGE
+        return refuse(storage.redact(f"cannot use storage settings: {e}", secrets))
 
-    def on_signal(signum, frame):
-        up.stop.set()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    up.stop = stop
     return up.run()
 
 

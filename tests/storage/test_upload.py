@@ -371,9 +371,29 @@ def test_settings_for_another_experiment_are_refused(workdir, spool):
     settings = {"experiment": "other", "storagetype": "local",
                 "storageparams": {"local_storage_dir": str(workdir)},
                 "node": {"allowed_local_roots": [str(workdir)]}}
-    r = run_upload(settings, spool, EXP)
+    r = run_upload(settings, spool, EXP, "--once")
     assert r.returncode == 2
     assert "settings file is for 'other'" in read_status(str(spool))["last_upload_error"]
+
+
+def test_unusable_settings_wait_instead_of_a_restart_loop(workdir, spool):
+    """Under the .path unit an immediate exit would be restarted at once; the service waits
+    (until stopped) instead of exiting right away."""
+    fill_spool(spool, [b"a"])
+    proc = start_upload({"experiment": EXP, "storagetype": "s3", "storageparams": {}},
+                        spool, EXP)
+    try:
+        wait_for(lambda: read_status(str(spool))["last_upload_error"], timeout=20,
+                 what="the error to be recorded")
+        time.sleep(1.0)
+        assert proc.poll() is None
+        assert "s3key: required" in read_status(str(spool))["last_upload_error"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_bad_arguments_one_line_exit_2(workdir, spool):
