@@ -287,3 +287,18 @@ def test_s3_endpoint_down_is_transient_and_secret_free(moto_s3, workdir):
     assert not ok and "cannot reach" in reason
     for secret in (s["storageparams"]["s3secret"], s["storageparams"]["s3key"]):
         assert secret not in reason and secret not in str(ei.value)
+
+
+def test_paramiko_speedup_keeps_asbytes_semantics():
+    import paramiko
+    from paramiko.common import asbytes
+
+    from gimsd.storage._paramikocompat import speed_up_paramiko
+    speed_up_paramiko()
+    m = paramiko.Message()
+    m.add_string(b"x" * 100)
+    assert asbytes(m) == m.asbytes()
+    assert asbytes("é") == "é".encode()
+    assert asbytes(b"\x00") == b"\x00"
+    o = object()
+    assert asbytes(o) is o  # paramiko's documented fallback: returned unchanged
