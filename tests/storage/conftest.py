@@ -239,3 +239,40 @@ def moto_s3():
     m = MotoS3()
     yield m
     m.stop()
+
+
+@pytest.fixture
+def moto_s3_auth(moto_s3):
+    """moto S3 that checks signatures: an IAM user with an s3:* policy and its access key
+    (created while moto still lets everything through), then authentication switched on.
+    Yields (server, key id, secret). Every request is counted in server.requests."""
+    import logging
+
+    import boto3
+    import moto.settings as msettings
+    iam = boto3.client("iam", endpoint_url=moto_s3.endpoint, region_name="us-east-1",
+                       aws_access_key_id="AKIAGIMSADMIN000", aws_secret_access_key="a" * 40)
+    iam.create_user(UserName="gims-exp")
+    iam.put_user_policy(UserName="gims-exp", PolicyName="s3", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="gims-exp")["AccessKey"]
+    moto_s3.client().create_bucket(Bucket="gims-auth")
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            moto_s3.requests.append(record.getMessage())
+    moto_s3.requests = []
+    handler = Count()
+    wz = logging.getLogger("werkzeug")
+    old_level = wz.level
+    wz.setLevel(logging.INFO)
+    wz.addHandler(handler)
+    old = msettings.INITIAL_NO_AUTH_ACTION_COUNT
+    msettings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    try:
+        yield moto_s3, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        msettings.INITIAL_NO_AUTH_ACTION_COUNT = old
+        wz.removeHandler(handler)
+        wz.setLevel(old_level)

@@ -302,3 +302,39 @@ def test_paramiko_speedup_keeps_asbytes_semantics():
     assert asbytes(b"\x00") == b"\x00"
     o = object()
     assert asbytes(o) is o  # paramiko's documented fallback: returned unchanged
+
+
+@pytest.mark.integration
+def test_s3_write_only_credentials_still_verified_by_the_checksummed_put(moto_s3_auth, workdir):
+    """A policy with s3:PutObject only (no ListBucket/GetObject): HEAD is refused, but the
+    single PUT carried Content-MD5 and a SHA-256 the server checked, which is the proof."""
+    import json as _json
+
+    import boto3
+    server, _, _ = moto_s3_auth
+    import moto.settings as msettings
+    msettings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")  # admin calls while setting up
+    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
+                       aws_access_key_id="AKIAGIMSADMIN000", aws_secret_access_key="a" * 40)
+    iam.create_user(UserName="gims-wo")
+    iam.put_user_policy(UserName="gims-wo", PolicyName="put", PolicyDocument=_json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="gims-wo")["AccessKey"]
+    msettings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    b = storage.make_backend({"experiment": "exp1", "storagetype": "s3", "storageparams": {
+        "s3key": key["AccessKeyId"], "s3secret": key["SecretAccessKey"],
+        "s3bucket": "gims-auth", "s3endpoint": server.endpoint}})
+    payload = trace_payloads()[2]
+    (workdir / "w.pcap").write_bytes(payload)
+    r = b.put(str(workdir / "w.pcap"), "w.pcap")
+    with pytest.raises(PermanentStorageError):
+        b._head("w.pcap")  # really not allowed to read
+    assert b.verify("w.pcap", len(payload), r.sha256)
+    with pytest.raises(PermanentStorageError):
+        b.verify("w.pcap", len(payload), "0" * 64)  # not what was accepted: no proof
+    with pytest.raises(PermanentStorageError):
+        b.verify("never-put.pcap", 1, None)  # no proof: the error stands
+    msettings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+    got = server.client().get_object(Bucket="gims-auth", Key="w.pcap")["Body"].read()
+    assert got == payload

@@ -399,3 +399,36 @@ def test_unusable_settings_wait_instead_of_a_restart_loop(workdir, spool):
 def test_bad_arguments_one_line_exit_2(workdir, spool):
     r = run_upload({"experiment": "../x"}, spool, "../x")
     assert r.returncode == 2 and "--experiment" in r.stderr
+
+
+@pytest.mark.integration
+def test_s3_wrong_credentials_clear_reason_no_retry_storm(moto_s3_auth, workdir, spool):
+    import gimsd.storage as storage
+    server, key_id, secret = moto_s3_auth
+    params = {"s3key": key_id, "s3secret": secret, "s3bucket": "gims-auth",
+              "s3endpoint": server.endpoint}
+    ok, reason = storage.test_storage({"experiment": EXP, "storagetype": "s3",
+                                       "storageparams": params})
+    assert ok, reason
+    wrong_secret = "not-the-secret-" + "w" * 25
+    bad = dict(params, s3secret=wrong_secret)
+    ok, reason = storage.test_storage({"experiment": EXP, "storagetype": "s3",
+                                       "storageparams": bad})
+    assert not ok and "SignatureDoesNotMatch" in reason and "check s3secret" in reason, reason
+    ok, reason = storage.test_storage({"experiment": EXP, "storagetype": "s3",
+                                       "storageparams": dict(params, s3key="AKIAGIMSNOSUCH00")})
+    assert not ok and "InvalidAccessKeyId" in reason, reason
+
+    files = fill_spool(spool, trace_payloads()[:12])
+    server.requests.clear()
+    r = run_upload({"experiment": EXP, "storagetype": "s3", "storageparams": bad,
+                    "node": {"parallel": 4, **FAST_RETRIES}}, spool, EXP, "--once")
+    assert r.returncode == 75, r.stderr
+    puts = [m for m in server.requests if "PUT /gims-auth/" in m]
+    # at most one refused PUT per worker (botocore's standard mode does not retry a 403),
+    # not one per file and retry
+    assert 1 <= len(puts) <= 4, server.requests
+    st = read_status(str(spool))
+    assert "SignatureDoesNotMatch" in st["last_upload_error"]
+    assert st["files_pending"] == len(files) and st["files_uploaded"] == 0
+    assert_no_secrets(spool, [wrong_secret, secret], r.stderr, r.stdout, reason)
