@@ -245,19 +245,23 @@ def moto_s3():
 def moto_s3_auth(moto_s3):
     """moto S3 that checks signatures: an IAM user with an s3:* policy and its access key
     (created while moto still lets everything through), then authentication switched on.
-    Yields (server, key id, secret). Every request is counted in server.requests."""
+    Yields (server, key id, secret); the bucket is server.bucket. Every request is counted in
+    server.requests. (moto keeps its state per process: names are unique per use.)"""
     import logging
+    import uuid
+    tag = uuid.uuid4().hex[:8]
 
     import boto3
     import moto.settings as msettings
     iam = boto3.client("iam", endpoint_url=moto_s3.endpoint, region_name="us-east-1",
                        aws_access_key_id="AKIAGIMSADMIN000", aws_secret_access_key="a" * 40)
-    iam.create_user(UserName="gims-exp")
-    iam.put_user_policy(UserName="gims-exp", PolicyName="s3", PolicyDocument=json.dumps({
+    iam.create_user(UserName=f"gims-exp-{tag}")
+    iam.put_user_policy(UserName=f"gims-exp-{tag}", PolicyName="s3", PolicyDocument=json.dumps({
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="gims-exp")["AccessKey"]
-    moto_s3.client().create_bucket(Bucket="gims-auth")
+    key = iam.create_access_key(UserName=f"gims-exp-{tag}")["AccessKey"]
+    moto_s3.bucket = f"gims-auth-{tag}"
+    moto_s3.client().create_bucket(Bucket=moto_s3.bucket)
 
     class Count(logging.Handler):
         def emit(self, record):

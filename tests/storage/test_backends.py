@@ -316,15 +316,16 @@ def test_s3_write_only_credentials_still_verified_by_the_checksummed_put(moto_s3
     msettings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")  # admin calls while setting up
     iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
                        aws_access_key_id="AKIAGIMSADMIN000", aws_secret_access_key="a" * 40)
-    iam.create_user(UserName="gims-wo")
-    iam.put_user_policy(UserName="gims-wo", PolicyName="put", PolicyDocument=_json.dumps({
+    wo = "gims-wo-" + server.bucket[-8:]
+    iam.create_user(UserName=wo)
+    iam.put_user_policy(UserName=wo, PolicyName="put", PolicyDocument=_json.dumps({
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="gims-wo")["AccessKey"]
+    key = iam.create_access_key(UserName=wo)["AccessKey"]
     msettings.INITIAL_NO_AUTH_ACTION_COUNT = 0
     b = storage.make_backend({"experiment": "exp1", "storagetype": "s3", "storageparams": {
         "s3key": key["AccessKeyId"], "s3secret": key["SecretAccessKey"],
-        "s3bucket": "gims-auth", "s3endpoint": server.endpoint}})
+        "s3bucket": server.bucket, "s3endpoint": server.endpoint}})
     payload = trace_payloads()[2]
     (workdir / "w.pcap").write_bytes(payload)
     r = b.put(str(workdir / "w.pcap"), "w.pcap")
@@ -336,5 +337,5 @@ def test_s3_write_only_credentials_still_verified_by_the_checksummed_put(moto_s3
     with pytest.raises(PermanentStorageError):
         b.verify("never-put.pcap", 1, None)  # no proof: the error stands
     msettings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
-    got = server.client().get_object(Bucket="gims-auth", Key="w.pcap")["Body"].read()
+    got = server.client().get_object(Bucket=server.bucket, Key="w.pcap")["Body"].read()
     assert got == payload

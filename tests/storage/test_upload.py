@@ -405,7 +405,7 @@ def test_bad_arguments_one_line_exit_2(workdir, spool):
 def test_s3_wrong_credentials_clear_reason_no_retry_storm(moto_s3_auth, workdir, spool):
     import gimsd.storage as storage
     server, key_id, secret = moto_s3_auth
-    params = {"s3key": key_id, "s3secret": secret, "s3bucket": "gims-auth",
+    params = {"s3key": key_id, "s3secret": secret, "s3bucket": server.bucket,
               "s3endpoint": server.endpoint}
     ok, reason = storage.test_storage({"experiment": EXP, "storagetype": "s3",
                                        "storageparams": params})
@@ -424,7 +424,7 @@ def test_s3_wrong_credentials_clear_reason_no_retry_storm(moto_s3_auth, workdir,
     r = run_upload({"experiment": EXP, "storagetype": "s3", "storageparams": bad,
                     "node": {"parallel": 4, **FAST_RETRIES}}, spool, EXP, "--once")
     assert r.returncode == 75, r.stderr
-    puts = [m for m in server.requests if "PUT /gims-auth/" in m]
+    puts = [m for m in server.requests if f"PUT /{server.bucket}/" in m]
     # at most one refused PUT per worker (botocore's standard mode does not retry a 403),
     # not one per file and retry
     assert 1 <= len(puts) <= 4, server.requests
