@@ -20,6 +20,7 @@ from . import __version__
 from .batch import Batch
 from .parse import parse
 from .source import PcapSource, libpcap_version
+from .recovery import recover_spool
 from .spool import OpenFile, Spool, SpoolFullError, utc_iso
 
 log = logging.getLogger("gims-capture")
@@ -59,6 +60,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
+        recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
+        self.spool.files_written += len(recovered)
         if self.notifier:
             self.notifier.ready(self.status_line())
         try:

@@ -144,14 +144,6 @@ class Spool:
         except OSError:
             pass  # status is best effort; a full disk is reported through metadata and STATUS=
 
-    def remove_stale_temp_files(self) -> list[str]:
-        """Temp files a killed predecessor left: never complete, never to be uploaded."""
-        removed = []
-        for entry in os.listdir(self.directory):
-            if entry.startswith(f".{self.prefix}_") and entry.endswith(".tmp"):
-                removed.append(entry)
-        return removed
-
 
 def _classify(exc: OSError) -> OSError:
     import errno
