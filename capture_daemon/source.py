@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import select
 import os
 import struct
 from typing import Iterator
@@ -145,6 +146,20 @@ class LiveSource(PcapSource):
         super().__init__(handle, snaplen, f"interface {interface}")
         self.interface = interface
         self.set_filter(filter_expr)
+        # With TPACKET_V3 libpcap may block forever when no packets come (the kernel retires
+        # a block only when it holds packets), so we wait on the descriptor ourselves.
+        self.handle.setnonblock(1)
+        self.fd = self.handle.getfd()
+        self.wait_seconds = min(timeout_ms / 1000.0, 0.5)
+
+    def _raw_batches(self):
+        while True:
+            data, meta = self.handle.next_batch(BATCH_PACKETS)
+            if not meta:
+                ready, _, _ = select.select([self.fd], [], [], self.wait_seconds)
+                if ready:
+                    data, meta = self.handle.next_batch(BATCH_PACKETS)
+            yield data, meta
 
 
 class OfflineSource(PcapSource):
