@@ -165,8 +165,13 @@ class Anonymizer:
         inc = ck.incremental(cs, old_sum, new_sum, 4)
         hdr_whole = l3 + ihl <= e
         if self.recompute_whole and hdr_whole.any():
-            hb, _ = ck.gather(buf, l3, l3 + np.where(hdr_whole, ihl, 0), 60)
-            full = ck.finish(ck.word_sum(hb) - cs)
+            # The fixed 20 bytes are always captured here (parse: ipver 4); options are rare.
+            hsum = ck.word_sum(buf[l3[:, None] + np.arange(20)])
+            opt = np.flatnonzero(hdr_whole & (ihl > 20))
+            if len(opt):
+                ob, _ = ck.gather(buf, l3[opt] + 20, l3[opt] + ihl[opt], 40)
+                hsum[opt] += ck.word_sum(ob)
+            full = ck.finish(hsum - cs)
             self.checksums_corrected += int((hdr_whole & (full != inc)).sum())
             inc = np.where(hdr_whole, full, inc)
         ck.put16(buf, cs_pos, inc)

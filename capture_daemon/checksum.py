@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# Largest slice of the buffer turned into int64 prefix sums at once (memory bound: ~3 x 8 bytes
-# per buffer byte while it lives).
-_RANGE_CHUNK = 1 << 21
-
-
 def fold(s) -> np.ndarray:
     """One's complement 16-bit value of the non-negative sums s (end-around carry); 0 only for 0."""
     s = np.asarray(s, dtype=np.int64)
@@ -64,31 +59,33 @@ def scatter(buf: np.ndarray, pos: np.ndarray, data: np.ndarray, ok: np.ndarray) 
 
 
 def range_sums(buf: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Sum of the big-endian 16-bit words of buf[start:stop] for each packet (words aligned at
-    start; an odd last byte is padded with zero). Uses prefix sums over buffer slices of at most
-    _RANGE_CHUNK bytes (plus one packet), so the cost is one pass over the bytes involved."""
-    out = np.zeros(len(start), dtype=np.int64)
-    if len(start) == 0:
-        return out
+    """Sum of the big-endian 16-bit words of buf[start:stop] for each range (words aligned at
+    start; an odd last byte is padded with zero). Ranges must not overlap. One pass over the
+    bytes: the buffer is viewed as 16-bit words twice (from byte 0 and from byte 1) and each
+    range is summed with np.add.reduceat on the view matching its parity."""
     start = np.asarray(start, dtype=np.int64)
     stop = np.asarray(stop, dtype=np.int64)
-    group = (start - start.min()) // _RANGE_CHUNK
-    for g in np.unique(group):
-        m = group == g
-        s, t = start[m], stop[m]
-        lo, hi = int(s.min()), int(t.max())
-        b = buf[lo:hi].astype(np.int64)
-        # Prefix sums with weight 256 on even absolute offsets (p_even) or odd ones (p_odd):
-        # a range starting at an even offset has its high bytes there.
-        par = lo & 1
-        w = b.copy()
-        w[par::2] *= 256
-        p_even = np.zeros(len(b) + 1, dtype=np.int64)
-        np.cumsum(w, out=p_even[1:])
-        w = b
-        w[1 - par::2] *= 256
-        p_odd = np.zeros(len(b) + 1, dtype=np.int64)
-        np.cumsum(w, out=p_odd[1:])
-        rs, rt = s - lo, t - lo
-        out[m] = np.where((s & 1) == 0, p_even[rt] - p_even[rs], p_odd[rt] - p_odd[rs])
+    out = np.zeros(len(start), dtype=np.int64)
+    for par in (0, 1):
+        sel = np.flatnonzero(((start & 1) == par) & (stop > start))
+        if len(sel) == 0:
+            continue
+        sel = sel[np.argsort(start[sel], kind="stable")]
+        s, t = start[sel], stop[sel]
+        nw = (len(buf) - par) // 2
+        words = buf[par:par + 2 * nw].view(">u2")
+        ws, we = (s - par) // 2, (t - par) // 2  # whole words: [ws, we)
+        sums = np.zeros(len(sel), dtype=np.int64)
+        has = we > ws
+        if has.any():
+            a, b = ws[has], we[has]
+            idx = np.empty(2 * len(a), dtype=np.int64)
+            idx[0::2], idx[1::2] = a, b
+            # reduceat sums idx[i]..idx[i+1]; the last range may end at the array's end.
+            if idx[-1] >= nw:
+                idx = idx[:-1]
+            sums[has] = np.add.reduceat(words, idx, dtype=np.int64)[0::2]
+        odd = ((t - s) & 1) == 1
+        sums[odd] += buf[t[odd] - 1].astype(np.int64) * 256
+        out[sel] = sums
     return out
