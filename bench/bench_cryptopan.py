@@ -1,11 +1,17 @@
 """Crypto-PAn throughput on never-seen addresses: gims vs yacryptopan (issue #6 row).
 
     python bench/bench_cryptopan.py [--n4 N] [--n6 N] [--peer-n4 N] [--peer-n6 N] [--rounds R]
+                                    [--packets-repeat K] [--batch N]
 
 Each round anonymizes fresh random addresses (a new CryptoPAn object per round, so nothing is
 cached) with gims's batched implementation and with yacryptopan (one address at a time, as it is
 used), alternating, and prints addresses/s and the ratio (median over rounds). yacryptopan is far
 slower, so it gets fewer addresses (its rate does not depend on how many).
+
+Then packet rewriting: every trace in tests/data (read with the capture path's OfflineSource)
+repeated K times, cut into batches of N packets, parsed, and anonymized in place (Anonymizer.apply
+timed alone), as captured (whole packets: checksums recomputed over the payload) and cut to a
+snaplen of 128 (incremental checksum updates).
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-n4", type=int, default=5_000)
     ap.add_argument("--peer-n6", type=int, default=1_500)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--packets-repeat", type=int, default=5,
+                    help="times the traces are repeated for the packet benchmark (0: skip it)")
+    ap.add_argument("--batch", type=int, default=8192)
     args = ap.parse_args(argv)
     try:
         import yacryptopan
@@ -69,7 +78,64 @@ def main(argv=None) -> int:
             print(f"{fam:6} {gm:14,.0f} {ym:19,.0f} {ratio:7.0f}x")
         else:
             print(f"{fam:6} {gm:14,.0f} {'(not installed)':>19} {'-':>8}")
+    if args.packets_repeat > 0:
+        bench_packets(args)
     return 0
+
+
+def _snap(batch, snaplen):
+    """The batch as if captured with this snaplen."""
+    from capture_daemon.batch import Batch
+    cap = np.minimum(batch.caplen, snaplen)
+    rel = np.arange(len(batch.buf)) - np.repeat(batch.off, batch.caplen)
+    buf = batch.buf[rel < np.repeat(cap, batch.caplen)]
+    off = np.zeros(len(cap), dtype=np.int64)
+    np.cumsum(cap[:-1], out=off[1:])
+    return Batch(buf, off, cap, batch.wirelen, batch.ts_sec, batch.ts_usec, batch.linktype)
+
+
+def bench_packets(args) -> None:
+    from capture_daemon.anonymize import Anonymizer
+    from capture_daemon.batch import Batch
+    from capture_daemon.parse import parse
+    from capture_daemon.source import OfflineSource
+
+    packets = []
+    for trace in sorted((Path(__file__).resolve().parents[1] / "tests" / "data").glob("*.pcap")):
+        src = OfflineSource(str(trace))
+        packets += [b for b in src.batches() if b is not None and len(b)]
+        src.close()
+    if not packets:
+        return
+    parts = packets * args.packets_repeat
+    cat = lambda name: np.concatenate([getattr(b, name) for b in parts])  # noqa: E731
+    offs, base = [], 0
+    for b in parts:
+        offs.append(b.off + base)
+        base += len(b.buf)
+    whole = Batch(cat("buf"), np.concatenate(offs), cat("caplen"), cat("wirelen"), cat("ts_sec"),
+                  cat("ts_usec"), parts[0].linktype)
+    n = len(whole)
+    print(f"\nAnonymizer.apply on the tests/data traces x{args.packets_repeat}: {n} packets, "
+          f"batches of {args.batch}, median of {args.rounds} rounds (parse not included)")
+    print(f"{'input':22} {'checksums of whole pkts':>24} {'packets/s':>12} {'MB/s':>8}")
+    for label, snap in (("as captured", None), ("snaplen 128", 128)):
+        big = whole if snap is None else _snap(whole, snap)
+        batches = [big.take(np.arange(s, min(s + args.batch, n))) for s in range(0, n, args.batch)]
+        headers = [parse(b) for b in batches]
+        for recompute in (True, False):
+            rates = []
+            for _ in range(args.rounds):
+                work = [Batch(b.buf.copy(), b.off, b.caplen, b.wirelen, b.ts_sec, b.ts_usec,
+                              b.linktype) for b in batches]
+                anon = Anonymizer(CryptoPAn(os.urandom(32)), recompute_whole=recompute)
+                t = time.perf_counter()
+                for b, h in zip(work, headers):
+                    anon.apply(b, h, np.ones(len(b), dtype=bool))
+                rates.append(n / (time.perf_counter() - t))
+            r = statistics.median(rates)
+            mode = "recomputed" if recompute else "incremental"
+            print(f"{label:22} {mode:>24} {r:12,.0f} {r * len(big.buf) / n / 1e6:8.0f}")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,9 @@ def test_bench_smoke():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, str(root / "bench" / "bench_cryptopan.py"), "--n4", "2000", "--n6", "500",
-         "--peer-n4", "50", "--peer-n6", "20", "--rounds", "1"],
+         "--peer-n4", "50", "--peer-n6", "20", "--rounds", "1",
+         "--packets-repeat", "1"],
         cwd=root, capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "v4" in out and "v6" in out and "x" in out.splitlines()[-1]
+    lines = out.splitlines()
+    assert any(ln.startswith("v4 ") for ln in lines) and any(ln.startswith("v6 ") for ln in lines)
+    assert sum("snaplen 128" in ln for ln in lines) == 2
