@@ -109,20 +109,19 @@ class _SortedCache:
         return out, miss
 
     def insert(self, k, v) -> None:
-        """Add unique keys k (not present) with values v."""
+        """Add sorted unique keys k (none present yet) with values v."""
         if len(self) + len(k) > self.max_entries:
             self.clear()
             if len(k) > self.max_entries:
                 return
-        rk = np.concatenate([self.rec_k, k])
-        rv = np.concatenate([self.rec_v, v])
-        order = np.argsort(rk, kind="stable")
-        self.rec_k, self.rec_v = rk[order], rv[order]
+        # np.insert at searchsorted positions: one O(len) copy, no re-sort.
+        pos = np.searchsorted(self.rec_k, k)
+        self.rec_k = np.insert(self.rec_k, pos, k)
+        self.rec_v = np.insert(self.rec_v, pos, v)
         if len(self.rec_k) > max(4096, len(self.main_k) // 8):
-            mk = np.concatenate([self.main_k, self.rec_k])
-            mv = np.concatenate([self.main_v, self.rec_v])
-            order = np.argsort(mk, kind="stable")
-            self.main_k, self.main_v = mk[order], mv[order]
+            pos = np.searchsorted(self.main_k, self.rec_k)
+            self.main_k = np.insert(self.main_k, pos, self.rec_k)
+            self.main_v = np.insert(self.main_v, pos, self.rec_v)
             empty = np.empty(0, self.dtype)
             self.rec_k, self.rec_v = empty, empty
 
