@@ -2,6 +2,8 @@
 
 What is rewritten (in the packets selected by ``sel``):
 - IPv4 / IPv6 source and destination (under any VLAN/QinQ tags, SLL, raw IP: parse finds l3);
+- addresses in IPv4 options (record route, loose/strict source route, timestamp with
+  addresses);
 - ARP sender/target protocol addresses (protocol type IPv4, 4-byte addresses);
 - the IP header quoted in ICMP errors (types 3, 4, 5, 11, 12) and ICMPv6 errors (types 1-4),
   with the quoted header checksum and the quoted TCP/UDP checksum where captured;
@@ -32,9 +34,10 @@ IPv6 routing header (its address list is not rewritten), an IP header whose vers
 the link layer's type, ARP for IPv4 with an address length other than 4. A header cut before its
 addresses has nothing to leak and is not counted.
 
-Not rewritten (payload, not headers): IPv4 source-route/record-route options, IPv6 routing-header
-and home-address option contents, tunnelled inner headers (IP-in-IP, GRE, 6in4), addresses in
-application payloads (DNS, DHCP, ...).
+Not rewritten (payload, not headers): IPv6 routing-header and home-address option contents,
+tunnelled inner headers (IP-in-IP, GRE, 6in4), addresses in application payloads (DNS, DHCP,
+...). With a source-route option in flight, the TCP/UDP pseudo-header holds the route's final
+address, not the header's destination; such checksums follow the header's destination here.
 """
 from __future__ import annotations
 
@@ -157,12 +160,23 @@ class Anonymizer:
         buf[l3[:, None] + 12 + np.arange(8)] = new_b
         old_sum, new_sum = ck.word_sum(old_b), ck.word_sum(new_b)
 
+        # Options that carry addresses (rare: only headers longer than 20 bytes are looked at).
+        ihl = (buf[l3] & 0x0F).astype(np.int64) * 4
+        hdr_old, hdr_new = old_sum.copy(), new_sum.copy()
+        o = np.flatnonzero(ihl > 20)
+        if len(o):
+            lo, eo = l3[o], np.minimum(e[o], l3[o] + ihl[o])
+            before, _ = ck.gather(buf, lo + 20, eo, 40)
+            self._ipv4_options(buf, lo, eo)
+            after, _ = ck.gather(buf, lo + 20, eo, 40)
+            hdr_old[o] += ck.word_sum(before)
+            hdr_new[o] += ck.word_sum(after)
+
         # Header checksum: recomputed where the whole header (options included) was captured,
         # incremental where options were cut off.
-        ihl = (buf[l3] & 0x0F).astype(np.int64) * 4
         cs_pos = l3 + 10
         cs = ck.get16(buf, cs_pos)
-        inc = ck.incremental(cs, old_sum, new_sum, 4)
+        inc = ck.incremental(cs, hdr_old, hdr_new, 24)
         hdr_whole = l3 + ihl <= e
         if self.recompute_whole and hdr_whole.any():
             # The fixed 20 bytes are always captured here (parse: ipver 4); options are rare.
@@ -184,6 +198,46 @@ class Anonymizer:
         l4len = h.iplen[idx] - ihl
         self._l4(buf, l3, l4, e, proto, has_l4, more_frags, l4len, old_sum, new_sum, 4,
                  h.iplen[idx], whole)
+
+    def _ipv4_options(self, buf, l3, e):
+        """Rewrite the addresses in IPv4 options (record route 7, loose/strict source route
+        131/137, timestamp 68 with flag 1 or 3) of headers at l3, captured up to e (already
+        limited to the header). Walks the option list one option per step for all headers."""
+        pos = l3 + 20
+        live = pos < e
+        apos, aend = [], []
+        last = len(buf) - 1
+        for _ in range(40):
+            if not live.any():
+                break
+            t = np.where(live, buf[np.minimum(pos, last)], 0).astype(np.int64)
+            live &= t != 0                       # end of option list
+            single = live & (t == 1)             # no-operation: one byte
+            multi = live & ~single
+            ln = np.where(multi & (pos + 1 < e), buf[np.minimum(pos + 1, last)], 0).astype(np.int64)
+            bad = multi & (ln < 2)               # cut or broken length: stop walking
+            live &= ~bad
+            multi &= ~bad
+            route = multi & np.isin(t, (7, 131, 137))
+            stamp = multi & (t == 68) & (pos + 3 < e)
+            if stamp.any():
+                flag = buf[np.minimum(pos + 3, last)] & 0x0F
+                stamp &= (flag == 1) | (flag == 3)
+            for sel, first, step in ((route, 3, 4), (stamp, 4, 8)):
+                for i in np.flatnonzero(sel):  # a handful of addresses per option
+                    p0, p1 = int(pos[i]) + first, int(pos[i] + ln[i])
+                    if t[i] != 131 and t[i] != 137 and pos[i] + 2 < e[i]:
+                        # record route / timestamp: only the slots before the pointer are
+                        # filled; empty (zero) slots stay empty
+                        p1 = min(p1, int(pos[i]) + int(buf[pos[i] + 2]) - 1)
+                    slots = range(p0, p1 - 3, step)
+                    apos.extend(slots)
+                    aend.extend([min(int(e[i]), p1)] * len(slots))
+            pos = np.where(single, pos + 1, np.where(multi, pos + ln, pos))
+            live &= pos < e
+        if apos:
+            self._rewrite_v4_at(buf, np.array(apos, dtype=np.int64)[:, None],
+                                np.array(aend, dtype=np.int64))
 
     # --- IPv6: the common path -----------------------------------------------------------
     def _ipv6(self, buf, h, idx, e, whole):

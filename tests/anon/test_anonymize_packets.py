@@ -15,7 +15,8 @@ from capture_daemon.parse import parse
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror, fragment
+    from scapy.layers.inet import (ICMP, IP, TCP, UDP, IPerror, IPOption_LSRR, IPOption_NOP,
+                                   IPOption_RR, IPOption_Timestamp, TCPerror, UDPerror, fragment)
     from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6ND_NA,
                                     ICMPv6ND_NS, ICMPv6ND_Redirect, ICMPv6TimeExceeded,
                                     IPerror6, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
@@ -49,6 +50,14 @@ CASES = {
     "v4_icmp_echo": (1, lambda f: [Ether(**ETH) / IP(src=f(S4), dst=f(D4)) / ICMP() / Raw(b"p" * 56)]),
     "v4_options_tcp": (1, lambda f: [Ether(**ETH) / IP(src=f(S4), dst=f(D4), options=[b"\x01\x01\x01\x00"]) /
                                      TCP(sport=1, dport=2) / Raw(b"o" * 9)]),
+    "v4_record_route_udp": (1, lambda f: [Ether(**ETH) / IP(src=f(S4), dst=f(D4), options=[
+        IPOption_NOP(), IPOption_RR(pointer=12, routers=[f(R4), f("10.1.2.3"), "0.0.0.0"])]) /
+        UDP(sport=1, dport=2) / Raw(b"R" * 9)]),
+    "v4_timestamp_tcp": (1, lambda f: [Ether(**ETH) / IP(src=f(S4), dst=f(D4), options=[
+        IPOption_Timestamp(flg=1, pointer=13, internet_address=f(R4), timestamp=77)]) /
+        TCP(sport=1, dport=2)]),
+    "v4_loose_source_route_icmp": (1, lambda f: [Ether(**ETH) / IP(src=f(S4), dst=f(R4), options=[
+        IPOption_LSRR(pointer=4, routers=[f(R4), f(D4)])]) / ICMP() / Raw(b"L" * 8)]),
     "vlan_tcp": (1, lambda f: [Ether(**ETH) / Dot1Q(vlan=5) / IP(src=f(S4), dst=f(D4)) /
                                TCP(sport=3, dport=4) / Raw(b"v" * 20)]),
     "qinq_udp": (1, lambda f: [Ether(**ETH) / Dot1Q(vlan=7) / Dot1Q(vlan=9) /
