@@ -234,10 +234,6 @@ def test_offloaded_checksum_on_truncated_packet_leaks_nothing():
 
 def test_udp_checksum_computed_as_zero_is_sent_as_ffff():
     # Choose a payload word so that the anonymized packet's UDP checksum comes out as 0.
-    def pkt(f, word):
-        return bytes(Ether(**ETH) / IP(src=f(S4), dst=f(D4)) / UDP(sport=1, dport=2, chksum=0) /
-                     Raw(word.to_bytes(2, "big") + b"abcd"))
-
     ref0 = bytes(Ether(**ETH) / IP(src=anon(S4), dst=anon(D4)) / UDP(sport=1, dport=2) /
                  Raw(b"\0\0abcd"))
     c = int.from_bytes(ref0[40:42], "big")
@@ -252,7 +248,6 @@ def test_udp_checksum_computed_as_zero_is_sent_as_ffff():
     # and the incremental path (truncated packet) applies the same rule
     (got,), _ = run(1, [orig[:43]], wirelens=[len(orig)])
     assert got == ref[:43]
-    assert pkt(ident, 0)  # builder sanity
 
 
 def test_header_without_addresses_or_with_foreign_version():
