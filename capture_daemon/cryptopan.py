@@ -168,7 +168,8 @@ class CryptoPAn:
     # All AES blocks of a chunk of new addresses are built with numpy in a reusable scratch
     # array and encrypted with ONE update_into() into a reusable output buffer. Chunks are
     # 2 MiB of blocks (4096 IPv4 / 1024 IPv6 addresses): measured here, this cache-resident
-    # size is ~30x faster than one huge update() over fresh allocations (page faults dominate).
+    # size is ~6x faster than one update() over all of 256k new addresses (128 MiB of blocks:
+    # page faults and cache misses dominate; 7.6M vs 1.2M IPv4/s, 1.7M vs 0.3M IPv6/s).
     _CHUNK4 = 4096
     _CHUNK6 = 1024
 
