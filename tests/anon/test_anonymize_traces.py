@@ -141,3 +141,33 @@ def test_arp_addresses_present(anonymized):
     for trace, out, _ in results.values():
         found += sum(1 for r in tshark(out, ALL) if r[7 + ADDRS.index("arp.src.proto_ipv4")])
     assert found > 0, "expected ARP packets in the traces"
+
+
+@pytest.mark.parametrize("name", ["tcpdump__afs.pcap", "zeek__ipv6.pcap", "zeek__timestamp.pcap"])
+def test_capture_path_batches_with_record_headers(anonymized, name):
+    """Batches as the capture path's OfflineSource yields them (pcap record headers between
+    the packets): only packet bytes change, and exactly as in the packed batches above."""
+    from capture_daemon.source import OfflineSource
+    _, results = anonymized
+    trace, out, _ = results[name]
+    expected, _ = read_pcap(out)
+    src = OfflineSource(str(trace))
+    got = []
+    try:
+        for batch in src.batches():
+            if batch is None or not len(batch):
+                continue
+            batch.make_writable()
+            before = batch.buf.copy()
+            Anonymizer(CryptoPAn(KEY)).apply(batch, parse(batch), np.ones(len(batch), dtype=bool))
+            inside = np.zeros(len(batch.buf), dtype=bool)
+            for o, n in zip(batch.off, batch.caplen):
+                inside[o:o + n] = True
+            assert (batch.buf[~inside] == before[~inside]).all()
+            if batch.records:
+                assert (~inside).sum() == 16 * len(batch)  # the record headers, untouched
+            got += [batch.buf[o:o + n].tobytes() for o, n in zip(batch.off, batch.caplen)]
+    finally:
+        src.close()
+    want = [expected.buf[o:o + n].tobytes() for o, n in zip(expected.off, expected.caplen)]
+    assert got == want
