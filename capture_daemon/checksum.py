@@ -92,9 +92,13 @@ def range_sums(buf: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarr
             continue
         sel = sel[np.argsort(start[sel], kind="stable")]
         s, t = start[sel], stop[sel]
-        nw = (len(buf) - par) // 2
-        words = buf[par:par + 2 * nw].view(">u2")
         ws, we = (s - par) // 2, (t - par) // 2  # whole words: [ws, we)
+        # Native-order copy of just the words involved: reduceat on a byte-swapped view is
+        # ~2x slower than the swap plus reduceat on native words.
+        w0 = int(ws.min())
+        nw = int(we.max()) - w0
+        words = buf[par + 2 * w0:par + 2 * (w0 + nw)].view(">u2").astype(np.uint16)
+        ws, we = ws - w0, we - w0
         sums = np.zeros(len(sel), dtype=np.int64)
         has = we > ws
         if has.any():
