@@ -177,10 +177,10 @@ class GimsAPI:
     def _spool(self, exp_id: str) -> str:
         return os.path.join(self.config.spool_dir, specmod.validate_experiment_id(exp_id))
 
-    def _save_state(self, exp_id: str, state: dict[str, Any], **changes: Any) -> dict[str, Any]:
-        state = dict(state, **changes)
-        self.store.save_state(exp_id, state)
-        return state
+    def _save_state(self, exp_id: str, current: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        new = dict(current, **changes)
+        self.store.save_state(exp_id, new)
+        return new
 
     def _write_unit_files(self, exp_id: str, spec: dict[str, Any]) -> None:
         try:
