@@ -35,7 +35,10 @@ except ImportError:  # not landed/installed: same shape, so the mapping below st
         pass
 
 COUNTER_KEYS = ("packets_observed", "bytes_observed", "packets_sampled", "bytes_sampled",
-                "packets_written", "files_written", "ps_recv", "ps_drop", "ps_ifdrop", "malformed")
+                "packets_written", "files_written", "ps_recv", "ps_drop", "ps_ifdrop", "malformed",
+                "packets_unwritten")
+# .gims-status.json spells some counters as the metadata records do
+_STATUS_FILE_ALIASES = {"malformed_packets": "malformed"}
 _UNSET = 2**64 - 1  # systemd's "no value" for the cgroup accounting properties
 
 
@@ -415,8 +418,12 @@ class GimsAPI:
             return {}, "none"
         if not isinstance(raw, dict):
             return {}, "none"
-        return {k: int(v) for k, v in raw.items()
-                if k in COUNTER_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0}, "status_file"
+        out = {}
+        for k, v in raw.items():
+            k = _STATUS_FILE_ALIASES.get(k, k)
+            if k in COUNTER_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                out[k] = v
+        return out, "status_file"
 
     def _upload_status(self, exp_id: str) -> tuple[dict[str, Any], str]:
         read_status = _optional("gimsd.upload", "read_status")
@@ -496,6 +503,7 @@ class GimsAPI:
             "ps_ifdrop": ps_ifdrop,
             "packets_dropped": ps_drop + ps_ifdrop,
             "malformed_packets": counters.get("malformed", 0),
+            "packets_unwritten": counters.get("packets_unwritten", 0),
             "counters_source": source,
             "bytes_uploaded": _uint(upload.get("bytes_uploaded")) or 0,
             "files_pending": files_pending,
