@@ -192,11 +192,8 @@ class GimsAPI:
             raise InvalidParams(f"experiment {exp_id} cannot start: {e}", e.field) from None
         self.store.write_capture_settings(exp_id, specmod.to_capture_settings(spec, self.config))
         self.store.write_storage_settings(exp_id, specmod.to_storage_settings(spec, self.config))
-        spool = self._spool(exp_id)
-        try:  # the capture unit may create it too; gimsd shares the spool group (docs/ARCHITECTURE.md)
-            os.makedirs(spool, mode=0o2770, exist_ok=True)
-        except OSError as e:
-            log.debug("spool dir %s not created by gimsd: %s", spool, e, extra={"EXPERIMENT": exp_id})
+        # The spool directory itself belongs to the capture side (gims-capture:gims-spool, 2770;
+        # created by its own unit): gimsd only reads it.
 
     def _missing_for_start(self, spec: dict[str, Any]) -> list[str]:
         missing = []
@@ -329,7 +326,7 @@ class GimsAPI:
         if log_tail is None:
             raise ApiError("the storage log is not available: gimsd.upload is not installed on this node")
         try:
-            lines = log_tail(exp_id, n, self.config.spool_dir)
+            lines = log_tail(exp_id, n, self._spool(exp_id))
         except Exception as e:  # a part we do not own; report, never pass a traceback on
             log.error("reading the storage log of %s failed: %s", exp_id, e, extra={"EXPERIMENT": exp_id})
             raise ApiError(f"cannot read the storage log of {exp_id}: {type(e).__name__}") from None
@@ -539,10 +536,10 @@ class GimsAPI:
 
     @staticmethod
     def _delivered(upload: dict[str, Any], waiting: int) -> bool:
-        if "delivered_all" in upload:
-            return bool(upload["delivered_all"])
+        # Both the upload side's own verdict and an empty spool (no complete data file waiting):
+        # a file finalized a moment ago may not be known to the upload process yet.
         pending = _uint(upload.get("files_pending"))
-        return (pending if pending is not None else waiting) == 0
+        return bool(upload.get("delivered_all", True)) and not pending and waiting == 0
 
     def _reported_state(self, exp_id: str, desired: str, cap: dict[str, Any] | None, cap_err: str,
                         upload: dict[str, Any], waiting: int) -> tuple[str, str]:

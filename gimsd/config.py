@@ -66,6 +66,10 @@ class Config:
     # [storage]
     s3_endpoint: str = ""
     known_hosts: str = "/etc/gims/known_hosts"
+    trust_on_first_use: bool = False
+    keep_local: bool = False
+    create_bucket: bool = False
+    upload_parallel: int = 4
     # [limits]
     max_experiments: int = 32
     spool_quota_bytes: int = 10 << 30
@@ -263,7 +267,14 @@ def from_dict(raw: dict[str, Any], path: str | None = None) -> Config:
     s3_endpoint = st.string("s3_endpoint", d.s3_endpoint)
     if s3_endpoint and not re.match(r"https?://[^\s/]+", s3_endpoint):
         raise ConfigError("storage.s3_endpoint", f"must be an http:// or https:// URL, got {s3_endpoint!r}", path)
-    known_hosts = st.abspath("known_hosts", d.known_hosts, allow_empty=True)
+    storage = dict(
+        s3_endpoint=s3_endpoint,
+        known_hosts=st.abspath("known_hosts", d.known_hosts, allow_empty=True),
+        trust_on_first_use=st.boolean("trust_on_first_use", d.trust_on_first_use),
+        keep_local=st.boolean("keep_local", d.keep_local),
+        create_bucket=st.boolean("create_bucket", d.create_bucket),
+        upload_parallel=st.integer("upload_parallel", d.upload_parallel, 1, 64),
+    )
 
     lim = t["limits"]
     limits = dict(
@@ -287,5 +298,4 @@ def from_dict(raw: dict[str, Any], path: str | None = None) -> Config:
     for table in t.values():
         table.finish()
     return Config(**server, tls=tls, site_location=site, allowed_interfaces=ifaces,
-                  default_device=default_device, **paths, s3_endpoint=s3_endpoint,
-                  known_hosts=known_hosts, **limits, **defaults)
+                  default_device=default_device, **paths, **storage, **limits, **defaults)

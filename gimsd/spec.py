@@ -29,7 +29,8 @@ MAX_TEXT = 65536
 MAX_FILTER = 4096
 
 # Storage parameters whose values are secrets: never shown in stats, state, logs or faults.
-SECRET_STORAGE_KEYS = frozenset({"s3secret", "sshkey", "sshpassword", "sshpassphrase"})
+# s3key (the access key id) is not secret by AWS's rules, but the storage side redacts it too.
+SECRET_STORAGE_KEYS = frozenset({"s3key", "s3secret", "sshkey", "sshpassword", "sshpassphrase"})
 # Spellings the original test client used (contract: accept both).
 STORAGE_KEY_ALIASES = {"s3accesskey": "s3key", "s3secretkey": "s3secret"}
 STORAGE_TYPES = ("local", "s3", "ssh")
@@ -348,8 +349,13 @@ def _validate_storage_params(stype: str, params: dict[str, Any]) -> None:
         except (ValueError, TypeError, KeyError) as e:
             # The storage module names the field; prefix the contract's path and make sure no
             # secret value slipped into the text.
-            raise SpecError(field, redact_text(str(e), [v for k, v in params.items()
-                                                        if k in SECRET_STORAGE_KEYS])) from None
+            msg = redact_text(str(e), [v for k, v in params.items() if k in SECRET_STORAGE_KEYS])
+            named = re.match(r"([A-Za-z_][A-Za-z0-9_]*): (.*)", msg, re.S)
+            if named and named.group(1) in ("storagetype", "storageparams"):
+                raise SpecError(f"StorageSpec.{named.group(1)}", named.group(2)) from None
+            if named:  # "sshport: must be ..." names a key inside storageparams
+                raise SpecError(f"{field}.{named.group(1)}", named.group(2)) from None
+            raise SpecError(field, msg) from None
         return
     for key in _REQUIRED_STORAGE_KEYS[stype]:
         if key not in params:
@@ -520,12 +526,16 @@ def to_storage_settings(spec: dict[str, Any], config: Config) -> dict[str, Any]:
         "experiment": spec["experiment_id"],
         "storagetype": storage["storagetype"],
         "storageparams": dict(storage["storageparams"]),
-        "node": {
+        "node": {  # gimsd.storage.DEFAULT_NODE's keys, from gimsd.toml [storage] and [paths]
+            "s3_endpoint": config.s3_endpoint or None,
+            "allowed_local_roots": list(config.local_storage_roots),
+            "known_hosts": config.known_hosts or None,
+            "trust_on_first_use": config.trust_on_first_use,
+            "keep_local": config.keep_local,
+            "create_bucket": config.create_bucket,
+            "parallel": config.upload_parallel,
             "site": spec.get("site") or config.site_location,
             "spool_dir": os.path.join(config.spool_dir, spec["experiment_id"]),
-            "s3_endpoint": config.s3_endpoint or None,
-            "known_hosts": config.known_hosts or None,
-            "local_storage_roots": list(config.local_storage_roots),
             "spool_quota_bytes": config.spool_quota_bytes,
         },
     }

@@ -73,7 +73,8 @@ def test_original_am_call_sequence(node):
     storage = json.loads((d / "storage.json").read_text())
     assert storage["experiment"] == exp and storage["storagetype"] == "local"
     assert storage["storageparams"] == {"local_storage_dir": str(node.root / "srv" / "exp")}
-    assert set(storage["node"]) >= {"site", "spool_dir", "s3_endpoint", "known_hosts"}
+    assert set(storage["node"]) >= {"s3_endpoint", "allowed_local_roots", "known_hosts", "keep_local", "site"}
+    assert storage["node"]["allowed_local_roots"] == [str(node.root / "srv")]
 
     # the capture process reports through its unit's StatusText
     node.units.set_status(f"capture@{exp}.service", status_text=(
