@@ -248,7 +248,11 @@ class GimsAPI:
             if cap and cap.get("active_state") in ("active", "activating", "reloading"):
                 raise WrongState(f"experiment {exp_id} is already running")
             self._write_unit_files(exp_id, spec)
-            self._start_units(exp_id)
+            try:
+                self._start_units(exp_id)
+            except UnitControlFailed as e:  # kept for getExperimentStats' last_error
+                self._save_state(exp_id, state, last_error=f"{_now()} start failed: {e}")
+                raise
             self._save_state(exp_id, state, state="running", started_at=_now(), stopped_at=None,
                              delivered_at=None, last_error=None, runs=int(state.get("runs") or 0) + 1)
         self._failure_logged.discard(exp_id)
@@ -286,7 +290,11 @@ class GimsAPI:
             if state.get("state") != "paused":
                 raise WrongState(f"experiment {exp_id} is {state.get('state')}, not paused: use startExperiment")
             self._write_unit_files(exp_id, spec)  # the spec may have been changed while paused
-            self._start_units(exp_id)
+            try:
+                self._start_units(exp_id)
+            except UnitControlFailed as e:
+                self._save_state(exp_id, state, last_error=f"{_now()} resume failed: {e}")
+                raise
             self._save_state(exp_id, state, state="running", resumed_at=_now())
         self._failure_logged.discard(exp_id)
         log.info("experiment %s resumed", exp_id, extra={"EXPERIMENT": exp_id})

@@ -189,11 +189,6 @@ def test_stop_keeps_uploads_until_the_spool_is_delivered(node):
     spool.mkdir(parents=True, exist_ok=True)
     (spool / "drain_TST_20260101000000.pcap").write_bytes(b"x" * 100)
     (spool / "drain_TST_20260101000000.pcap.meta.json").write_text("{}")
-    try:
-        import gimsd.upload  # noqa: F401
-        pytest.skip("gimsd.upload present: delivery is judged by its read_status, covered by its own tests")
-    except ImportError:
-        pass
     r = p.stopExperiment({"ExperimentId": "drain"})
     assert "1 file(s) still being delivered" in r
     s = p.getExperimentStats({"ExperimentId": "drain"})
@@ -243,7 +238,9 @@ def test_systemd_refusal_becomes_a_fault_with_its_reason(node):
         p.startExperiment({"ExperimentId": "denied"})
     assert "systemd refused start unit of capture@denied.service: Interactive authentication required" \
         in e.value.faultString
-    assert p.getExperimentStats({"ExperimentId": "denied"})["state"] == "configured"
+    s = p.getExperimentStats({"ExperimentId": "denied"})
+    assert s["state"] == "configured" and "start failed" in s["last_error"]
+    assert "Interactive authentication required" in s["last_error"]
 
 
 def test_faultcode_is_minus_one_by_default_and_distinct_on_request(node, node_factory):
