@@ -215,9 +215,12 @@ class GimsAPI:
                 state = self.store.load_state(exp_id) if old else None
             except StoreError as e:
                 raise ApiError(str(e)) from None
-            if old is None and len(self.store.list_ids()) >= self.config.max_experiments:
-                raise LimitReached(f"this node already holds {self.config.max_experiments} experiments "
-                                   "(limits.max_experiments)")
+            if old is None:
+                with self._locks_guard:  # count and create under one lock: no overshoot by racing ids
+                    if len(self.store.list_ids()) >= self.config.max_experiments:
+                        raise LimitReached(f"this node already holds {self.config.max_experiments} experiments "
+                                           "(limits.max_experiments)")
+                    self.store.save_spec(exp_id, specmod.merge(None, part))
             if state and state.get("state") == "running":
                 cap, _ = self._unit_status(capture_unit(exp_id))
                 if cap is None or cap.get("active_state") in ("active", "activating", "reloading"):

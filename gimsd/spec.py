@@ -183,7 +183,10 @@ def parse_configure(params: Any, config: Config) -> tuple[str, dict[str, Any], l
         top[canon] = v
 
     if "VLAN" in top:
-        part["vlan"] = None if top["VLAN"] in (None, "", 0, "0") else _int(top["VLAN"], "VLAN", 1, 4094)
+        vlan = top["VLAN"]
+        # 0 / "" / nil: no VLAN (what some AMs send for "untagged")
+        part["vlan"] = None if (vlan in (None, "", 0, "0") and not isinstance(vlan, bool)) \
+            else _int(vlan, "VLAN", 1, 4094)
     if "SiteLocation" in top:
         site = _text(top["SiteLocation"], "SiteLocation", 32).upper()
         if not _SITE_RE.fullmatch(site):

@@ -105,10 +105,31 @@ class HardenedRequestHandler(SimpleXMLRPCRequestHandler):
     server: "HardenedXMLRPCServer"
 
     def setup(self) -> None:
-        self.timeout = self.server.socket_timeout  # StreamRequestHandler applies it to the socket
+        self.timeout = self.server.socket_timeout  # StreamRequestHandler applies it to every recv
         super().setup()
+        # ...and this bounds the whole request, so a client dripping a byte now and then cannot
+        # hold a thread for longer than one timeout either.
+        self._deadline = threading.Timer(self.server.socket_timeout, self._too_slow)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _too_slow(self) -> None:
+        self.server.log_refusal(self.client_address,
+                                f"timed out: request not received within {self.server.socket_timeout:g} s")
+        try:  # the plain socket's shutdown, also under TLS: wakes the reading thread with EOF
+            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _request_received(self) -> None:
+        self._deadline.cancel()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def _refuse(self, status: HTTPStatus, reason: str) -> None:
+        self._request_received()
         self.server.log_refusal(self.client_address, f"HTTP {status.value}: {reason}")
         body = (reason + "\n").encode()
         self.send_response(status.value)
@@ -143,6 +164,7 @@ class HardenedRequestHandler(SimpleXMLRPCRequestHandler):
             data = self.rfile.read(length)
         except (TimeoutError, socket.timeout):
             return self.server.log_refusal(self.client_address, "timed out reading the request body")
+        self._request_received()
         if len(data) != length:
             return self.server.log_refusal(self.client_address, "request body shorter than its Content-Length")
         response = self.server.handle_xmlrpc(data, self.client_address)
@@ -163,12 +185,13 @@ class HardenedRequestHandler(SimpleXMLRPCRequestHandler):
         except (TimeoutError, socket.timeout):
             self.server.log_refusal(self.client_address, "timed out")
             self.close_connection = True
-        except (ConnectionError, ssl.SSLError) as e:
+        except (ConnectionError, ssl.SSLError, ValueError) as e:  # ValueError: I/O on a socket shut down
             log.debug("connection from %s ended: %s", self.client_address[0], e)
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (bad request line, headers too long, unsupported method).
+        self._request_received()
         self.server.log_refusal(self.client_address, f"HTTP {code}: {message or ''}".strip())
         super().send_error(code, message, explain)
 

@@ -211,6 +211,34 @@ def test_slow_client_does_not_block_others(node):
     slow.close()
 
 
+def test_dripping_client_is_cut_off_after_one_timeout(node):
+    host, port = node.server.server_address[:2]
+    s = socket.create_connection((host, port), timeout=10)
+    t0 = time.monotonic()
+    closed_after = None
+    for ch in b"POST /RPC2 HTTP/1.0\r\nContent-Length: 5\r\n":  # a byte every 0.5 s, never idle 3 s
+        try:
+            s.sendall(bytes([ch]))
+        except OSError:
+            closed_after = time.monotonic() - t0
+            break
+        time.sleep(0.5)
+        if time.monotonic() - t0 > 8:
+            break
+    s.settimeout(0.5)
+    try:
+        s.sendall(b"x")
+        got = s.recv(100)
+        if closed_after is None and got == b"":
+            closed_after = time.monotonic() - t0
+    except OSError:
+        closed_after = closed_after or time.monotonic() - t0
+    s.close()
+    assert closed_after is not None and closed_after < 6, closed_after
+    assert "request not received within 3 s" in node.logs.text()
+    alive(node)
+
+
 def test_connection_limit(node_factory):
     node = node_factory(max_connections=2)
     host, port = node.server.server_address[:2]
