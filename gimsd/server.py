@@ -121,6 +121,8 @@ def build_server(cfg: configmod.Config, units: UnitControl) -> tuple[GimsdServer
                          tls_context=context, allowed_subjects=tls.allowed_subjects)
     server.distinct_fault_codes = cfg.distinct_fault_codes
     server.register_introspection_functions()
+    for name in ("system.listMethods", "system.methodHelp", "system.methodSignature"):
+        server.funcs[name] = _guard(server, name, server.funcs[name])  # wrong arity: a Fault, not a crash
     methods = RpcMethods(api)
     for name in METHOD_NAMES:
         fn = _guard(server, name, getattr(methods, name))
