@@ -121,6 +121,11 @@ def parse_status_text(text: str) -> dict[str, int]:
     return out
 
 
+def _never_active(status: dict[str, Any] | None) -> bool:
+    return bool(status) and status.get("active_state") == "inactive" and not status.get("active_enter_time") \
+        and str(status.get("result") or "success") == "success"
+
+
 def _uint(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= _UNSET:
         return None
@@ -607,6 +612,36 @@ class GimsAPI:
             self._save_state(exp_id, state, state="stopped", delivered_at=_now())
         log.info("experiment %s: every file delivered; experiment stopped", exp_id, extra={"EXPERIMENT": exp_id})
         return True, 0
+
+    def restore_after_boot(self) -> list[str]:
+        """At gimsd start: units of experiments that should be running but have never been active
+        since systemd started (ActiveEnterTimestamp 0: the node rebooted) are started again. A
+        capture that ran in this boot and ended is left as it is (reported failed/exited)."""
+        restored = []
+        for exp_id in self.store.list_ids():
+            with self._lock(exp_id):
+                try:
+                    spec, state = self._load(exp_id)
+                except ApiError:
+                    continue
+                desired = state.get("state")
+                if desired not in ("running", "paused", "stopping"):
+                    continue
+                try:
+                    path, _ = self._unit_status(upload_path_unit(exp_id))
+                    if _never_active(path):  # files may be waiting: delivery resumes in any case
+                        self._unit("start_unit", upload_path_unit(exp_id), exp_id)
+                    cap, _ = self._unit_status(capture_unit(exp_id))
+                    if desired == "running" and _never_active(cap):
+                        self._write_unit_files(exp_id, spec)
+                        self._unit("start_unit", capture_unit(exp_id), exp_id)
+                        restored.append(exp_id)
+                        log.info("experiment %s: capture started again after a node restart", exp_id,
+                                 extra={"EXPERIMENT": exp_id})
+                except ApiError as e:
+                    log.error("experiment %s could not be restored after a node restart: %s", exp_id, e,
+                              extra={"EXPERIMENT": exp_id})
+        return restored
 
     def reconcile(self) -> None:
         for exp_id in self.store.list_ids():

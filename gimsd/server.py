@@ -198,6 +198,7 @@ def serve(cfg: configmod.Config, units: UnitControl) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    api.restore_after_boot()  # experiments that were running before the node restarted
     api.reconcile()  # learn every experiment's real state from systemd before answering
     threading.Thread(target=reconcile_loop, name="reconcile", daemon=True).start()
     _notify(f"READY=1\nSTATUS=listening on port {port}; {api.summary()}")

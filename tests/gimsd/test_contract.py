@@ -272,3 +272,30 @@ def test_max_experiments_limit(node_factory):
     p.configureExperiment({"ExperimentId": "a", "SiteLocation": "X"})  # updating is fine
     with pytest.raises(xmlrpc.client.Fault, match="max_experiments"):
         p.configureExperiment({"ExperimentId": "c"})
+
+
+def test_experiments_running_before_a_node_restart_are_started_again(node):
+    from gimsd.server import build_server
+    p = node.proxy()
+    for exp in ("run1", "paused1", "done1", "crashed1"):
+        p.configureExperiment({"ExperimentId": exp, "StorageSpec": local_storage(node, exp)})
+        p.startExperiment({"ExperimentId": exp})
+    p.pauseExperiment({"ExperimentId": "paused1"})
+    p.stopExperiment({"ExperimentId": "done1"})
+    node.api.reconcile()  # done1: nothing waiting, so stopped
+    # gimsd restarted on a running node: nothing is started behind a crashed unit's back
+    node.units.crash("capture@crashed1.service")
+    assert node.api.restore_after_boot() == []
+    # the node rebooted: a fresh systemd that has run nothing yet
+    booted = type(node.units)()
+    server2, api2 = build_server(node.cfg, booted)
+    try:
+        assert sorted(api2.restore_after_boot()) == ["crashed1", "run1"]
+        assert booted.unit_status("capture@run1.service")["active_state"] == "active"
+        assert booted.unit_status("capture@paused1.service")["active_state"] == "inactive"
+        assert booted.unit_status("gims-upload@paused1.path")["active_state"] == "active"
+        assert booted.unit_status("capture@done1.service")["active_state"] == "inactive"
+        assert ("start", "gims-upload@done1.path") not in booted.calls
+        assert api2.stats({"ExperimentId": "run1"})["state"] == "running"
+    finally:
+        server2.server_close()
