@@ -23,6 +23,7 @@ import ssl
 import threading
 import xmlrpc.client
 from http import HTTPStatus
+from xml.parsers.expat import ExpatError
 from typing import Any, Callable
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
@@ -63,8 +64,11 @@ def safe_loads(data: bytes, max_depth: int) -> tuple[tuple[Any, ...], str | None
         raise ValueError(str(e)) from None
     except DefusedXmlException:
         raise ValueError("DOCTYPE, entity declarations and external references are not accepted") from None
-    except Exception as e:  # expat errors, bad ints/doubles/base64/dates, unbalanced tags
+    except ExpatError as e:  # position only, never the content
         raise ValueError(f"malformed XML-RPC request ({_short(e)})") from None
+    except Exception as e:  # bad ints/doubles/base64/dates, unbalanced tags: their messages may
+        # quote the value, which could be anything (even a key sent in the wrong field): not echoed
+        raise ValueError(f"malformed XML-RPC request (a bad value or structure: {type(e).__name__})") from None
     method = target.getmethodname()
     if not isinstance(method, str) or not method:
         raise ValueError("malformed XML-RPC request (no methodName)")

@@ -69,6 +69,14 @@ def test_nul_in_id_is_refused(node):
     alive(node)
 
 
+def test_bad_values_are_not_echoed(node):
+    body = (b"<methodCall><methodName>getState</methodName><params><param><value><int>" + KEY.encode() +
+            b"</int></value></param></params></methodCall>")
+    f = call_raw(node, body)
+    assert isinstance(f, xmlrpc.client.Fault) and "malformed XML-RPC request" in f.faultString
+    assert KEY not in f.faultString and KEY not in node.logs.text()
+
+
 def test_oversized_body_is_refused_before_it_is_read(node):
     host, port = node.server.server_address[:2]
     s = socket.create_connection((host, port), timeout=5)
