@@ -144,6 +144,24 @@ class HardenedRequestHandler(SimpleXMLRPCRequestHandler):
         self.wfile.write(body)
         self.close_connection = True
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if getattr(self.server._connection, "forbidden", False):
+            length = self.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) <= self.server.max_request_bytes:
+                self.rfile.read(int(length))  # drained, so closing does not reset the answer away
+            self._request_received()
+            self.send_response(HTTPStatus.FORBIDDEN.value)
+            body = b"client certificate is not allowed\n"
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return False
+        return True
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         if not self.is_rpc_path_valid():
             return self._refuse(HTTPStatus.NOT_FOUND, "no such path (use / or /RPC2)")
@@ -218,6 +236,7 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         self.tls_context = tls_context
         self.allowed_subjects = frozenset(allowed_subjects)
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._connection = threading.local()  # per connection (one thread each): is it forbidden?
         super().__init__(address, requestHandler=HardenedRequestHandler, logRequests=False,
                          allow_none=False, encoding="utf-8", bind_and_activate=True)
 
@@ -245,6 +264,7 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
     def finish_request(self, request, client_address) -> None:
         # Runs in the connection's own thread, so a slow TLS handshake holds only that thread.
         request.settimeout(self.socket_timeout)
+        self._connection.forbidden = False
         if self.tls_context is None:
             return super().finish_request(request, client_address)
         try:
@@ -254,10 +274,12 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
             return
         try:
             subject = self._subject(tls)
-            if subject is None or ("*" not in self.allowed_subjects and subject not in self.allowed_subjects):
+            allowed = subject is not None and ("*" in self.allowed_subjects or subject in self.allowed_subjects)
+            if not allowed:
                 self.log_refusal(client_address, f"client certificate subject {subject!r} is not allowed")
-                _send_forbidden(tls)
-                return
+            # The handler answers 403 to every request of a connection that is not allowed, after
+            # reading the request (answering before would race the client's write).
+            self._connection.forbidden = not allowed
             log.debug("TLS client %s: %s", client_address[0], subject)
             super().finish_request(tls, client_address)
         finally:
@@ -304,14 +326,6 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         if func is None:
             raise xmlrpc.client.Fault(self.fault_code(8), f"unknown method {printable(method)!r}")
         return func(*params)
-
-
-def _send_forbidden(tls: ssl.SSLSocket) -> None:
-    try:
-        tls.sendall(b"HTTP/1.0 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n"
-                    b"Connection: close\r\n\r\nclient certificate is not allowed.\r\n")
-    except OSError:
-        pass
 
 
 def make_tls_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
