@@ -147,7 +147,7 @@ class HardenedRequestHandler(SimpleXMLRPCRequestHandler):
     def parse_request(self) -> bool:
         if not super().parse_request():
             return False
-        if getattr(self.server._connection, "forbidden", False):
+        if getattr(self.server.conn_state, "forbidden", False):
             length = self.headers.get("Content-Length", "")
             if length.isdigit() and int(length) <= self.server.max_request_bytes:
                 self.rfile.read(int(length))  # drained, so closing does not reset the answer away
@@ -236,7 +236,7 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         self.tls_context = tls_context
         self.allowed_subjects = frozenset(allowed_subjects)
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._connection = threading.local()  # per connection (one thread each): is it forbidden?
+        self.conn_state = threading.local()  # per connection (one thread each): is it forbidden?
         super().__init__(address, requestHandler=HardenedRequestHandler, logRequests=False,
                          allow_none=False, encoding="utf-8", bind_and_activate=True)
 
@@ -264,7 +264,7 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
     def finish_request(self, request, client_address) -> None:
         # Runs in the connection's own thread, so a slow TLS handshake holds only that thread.
         request.settimeout(self.socket_timeout)
-        self._connection.forbidden = False
+        self.conn_state.forbidden = False
         if self.tls_context is None:
             return super().finish_request(request, client_address)
         try:
@@ -279,7 +279,7 @@ class HardenedXMLRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
                 self.log_refusal(client_address, f"client certificate subject {subject!r} is not allowed")
             # The handler answers 403 to every request of a connection that is not allowed, after
             # reading the request (answering before would race the client's write).
-            self._connection.forbidden = not allowed
+            self.conn_state.forbidden = not allowed
             log.debug("TLS client %s: %s", client_address[0], subject)
             super().finish_request(tls, client_address)
         finally:
