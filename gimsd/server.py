@@ -22,6 +22,7 @@ import inspect
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import xmlrpc.client
@@ -112,9 +113,18 @@ def _guard(server: GimsdServer, name: str, fn: Callable[..., Any]) -> Callable[.
 
 def build_server(cfg: configmod.Config, units: UnitControl) -> tuple[GimsdServer, GimsAPI]:
     """Bind the server (cfg.port 0 picks a free port) and register every method twice."""
-    api = GimsAPI(cfg, Store(cfg.state_dir), units)
+    try:
+        store = Store(cfg.state_dir)
+    except OSError as e:
+        raise configmod.ConfigError("paths.state_dir", f"cannot use {cfg.state_dir}: {e.strerror or e}") from None
+    api = GimsAPI(cfg, store, units)
     tls = cfg.tls
-    context = make_tls_context(tls.cert, tls.key, tls.client_ca) if tls.enabled else None
+    context = None
+    if tls.enabled:
+        try:
+            context = make_tls_context(tls.cert, tls.key, tls.client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise configmod.ConfigError("tls", f"cannot load the certificate, key or client CA: {e}") from None
     server = GimsdServer((cfg.listen_address, cfg.port), max_request_bytes=cfg.max_request_bytes,
                          socket_timeout=cfg.socket_timeout, max_depth=cfg.max_nesting_depth,
                          max_connections=cfg.max_connections, peer_allowed=cfg.peer_allowed_plain,
@@ -234,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return serve(cfg, units)
+    except configmod.ConfigError as e:
+        log.error("bad configuration: %s", e)
+        return 2
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", cfg.listen_address, cfg.port, e.strerror or e)
         return 1

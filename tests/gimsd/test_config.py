@@ -101,3 +101,19 @@ def test_check_config_says_how_it_will_listen(tmp_path):
     r = _gimsd("--config", str(good), "--check-config")
     assert r.returncode == 0, r.stderr
     assert "plain HTTP, no TLS: serving loopback peers and trusted networks 10.9.0.0/16" in r.stdout
+
+
+def test_unusable_state_dir_and_tls_files_are_named(tmp_path):
+    import dataclasses
+
+    from gimsd.server import build_server
+    (tmp_path / "file").write_text("not a directory")
+    cfg = dataclasses.replace(configmod.Config(), port=0, state_dir=str(tmp_path / "file" / "state"))
+    with pytest.raises(configmod.ConfigError, match=r"^paths.state_dir: cannot use"):
+        build_server(cfg, None)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    tls = configmod.TlsConfig(enabled=True, cert=str(bad), key=str(bad), client_ca=str(bad), allowed_subjects=("*",))
+    cfg = dataclasses.replace(configmod.Config(), port=0, state_dir=str(tmp_path / "state"), tls=tls)
+    with pytest.raises(configmod.ConfigError, match=r"^tls: cannot load"):
+        build_server(cfg, None)
