@@ -350,6 +350,9 @@ class GimsAPI:
         return [specmod.redact_text(str(line), secrets) for line in list(lines)[-n:]]
 
     def test_storage(self, params: Any) -> str:
+        """"OK: ..." when a probe object was written, read back and deleted with the experiment's
+        credentials; "FAILED: <reason>" when the storage refused a step. Faults only for a call
+        that cannot be made (unknown experiment, no or invalid StorageSpec, no storage module)."""
         exp_id = self._id(params)
         spec, _ = self._load(exp_id)
         if not spec.get("storage"):
@@ -372,8 +375,10 @@ class GimsAPI:
         reason = specmod.redact_text(str(reason), secrets)
         dest = spec["storage"]["storagetype"]
         if not ok:
+            # A storage that refuses the probe is the answer to this call, not a failed call: it
+            # comes back as a readable string (the original's style), "FAILED: <step and reason>".
             log.warning("storage test of %s failed: %s", exp_id, reason, extra={"EXPERIMENT": exp_id})
-            raise StorageCheckFailed(f"storage test of experiment {exp_id} ({dest}) failed: {reason}")
+            return f"FAILED: {dest} storage of experiment {exp_id} did not pass the probe: {reason}"
         log.info("storage test of %s passed", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: {dest} storage of experiment {exp_id} accepted a write, read and delete" + (
             f" ({reason})" if reason else "")

@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if out:
         print(out)
+    if args.command == "test-storage" and str(out).startswith("FAILED"):
+        return 1
     return 0
 
 

@@ -5,8 +5,10 @@ core (gimsd.api) and returns what it returns; core errors become Faults in ``_gu
 else. Every method is registered in lowerCamel and UpperCamel spelling.
 
 Return values (the original returned strings; old clients print them):
-- configureExperiment, startExperiment, stopExperiment, pauseExperiment, resumeExperiment,
-  testExperimentStorage: a readable string starting "OK: " (failures are Faults);
+- configureExperiment, startExperiment, stopExperiment, pauseExperiment, resumeExperiment: a
+  readable string starting "OK: " (failures are Faults);
+- testExperimentStorage: "OK: ..." or, when the storage refused the probe, "FAILED: <reason>"
+  (a Fault only when the test cannot be made: unknown experiment, no StorageSpec, ...);
 - getStorageLog: the log lines joined by newlines, one string;
 - getExperimentStats, getState: structs (the original's stats field names, plus more).
 Fault codes: -1 for everything, as the original (default), or distinct codes when
@@ -71,7 +73,8 @@ class RpcMethods:
         return "\n".join(self.api.storage_log(params, n))
 
     def testExperimentStorage(self, params):  # noqa: N802
-        """testExperimentStorage(params) -> string. Write, read back and delete a probe object."""
+        """testExperimentStorage(params) -> string. Write, read back and delete a probe object:
+        "OK: ..." or "FAILED: <reason>"."""
         return self.api.test_storage(params)
 
     def getState(self):  # noqa: N802
