@@ -230,8 +230,7 @@ def parse_configure(params: Any, config: Config) -> tuple[str, dict[str, Any], l
     if "StorageSpec" in top:
         storage, rollover = _parse_storage(top["StorageSpec"], config)
         part["storage"] = storage
-        if rollover is not None:
-            part["rollover_minutes"] = rollover
+        part["rollover_minutes"] = rollover  # a new StorageSpec replaces the old one, rollover too
     return exp_id, part, ignored
 
 

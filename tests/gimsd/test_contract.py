@@ -258,6 +258,7 @@ def test_faultcode_is_minus_one_by_default_and_distinct_on_request(node, node_fa
 
 def test_rollover_default_is_the_configs_not_thirty_seconds(node):
     p = node.proxy()
+    p.configureExperiment({"ExperimentId": "roll", "StorageSpec": local_storage(node)})  # 2 minutes
     p.configureExperiment({"ExperimentId": "roll", "StorageSpec": {
         "storagetype": "local", "storageparams": {"local_storage_dir": str(node.root / "srv" / "r")}}})
     p.startExperiment({"ExperimentId": "roll"})
