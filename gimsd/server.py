@@ -201,8 +201,11 @@ def serve(cfg: configmod.Config, units: UnitControl) -> int:
 
     def reconcile_loop() -> None:
         while not stop.wait(cfg.reconcile_interval):
-            api.reconcile()
-            _notify(f"STATUS={api.summary()}")
+            try:
+                api.reconcile()
+                _notify(f"STATUS={api.summary()}")
+            except Exception:  # keep watching whatever one round ran into
+                log.exception("reconciliation round failed")
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: shutting down", signum)
