@@ -39,8 +39,8 @@ from . import storage
 from .storage.base import (PermanentStorageError, StorageError, TransientStorageError,
                            sha256_file)
 from .uploadstate import (DELIVERED_DIR, FAILED_DIR, META_SUFFIX, StatusFile, UploadLog,
-                          log_tail, orphan_metadata, pending_files, read_status, utcnow,
-                          write_json_atomic)
+                          incomplete_entries, log_tail, orphan_metadata, pending_files,
+                          read_status, utcnow, write_json_atomic)
 
 __all__ = ["main", "read_status", "log_tail", "Uploader"]
 
@@ -58,6 +58,7 @@ DEFAULT_TUNING = {
     "round_backoff_initial": 5.0,    # wait before rescanning after a round left files behind
     "round_backoff_max": 300.0,
     "permanent_retry_seconds": 600.0,
+    "incomplete_poll_seconds": 5.0,  # how often to look again at a data file without record
 }
 
 
@@ -243,14 +244,33 @@ class Uploader:
         self.log.info(f"upload started to {self.backend.destination()} "
                       f"({self.parallel} parallel transfers)")
         backoff = self.tuning["round_backoff_initial"]
+        waiting_reported = False
         try:
             while not self.stop.is_set():
                 self._clean_orphans()
                 files = pending_files(self.spool)
                 if not files:
-                    self.status.update(state="idle", next_retry_at=None)
-                    self.log.info("spool drained")
-                    return EXIT_DRAINED
+                    incomplete = incomplete_entries(self.spool)
+                    if not incomplete or self.once:
+                        self.status.update(state="idle", next_retry_at=None)
+                        self.log.info("spool drained" if not incomplete else
+                                      f"nothing complete to deliver ({len(incomplete)} "
+                                      f"incomplete)")
+                        return EXIT_DRAINED
+                    # Visible files that are not complete (no metadata record yet, or a
+                    # capture process died between the two renames). Exiting now would have
+                    # the .path unit start us again at once, in a tight loop, until systemd's
+                    # start limit disabled uploads for good; poll quietly instead.
+                    if not waiting_reported:
+                        self.log.warning(f"waiting for the metadata record of "
+                                         f"{', '.join(incomplete[:5])}"
+                                         f"{' ...' if len(incomplete) > 5 else ''}")
+                        waiting_reported = True
+                    self.status.update(state="waiting-for-metadata", next_retry_at=None)
+                    if self.stop.wait(self.tuning["incomplete_poll_seconds"]):
+                        break
+                    continue
+                waiting_reported = False
                 results = self.round(files)
                 if self.stop.is_set():
                     break

@@ -64,6 +64,24 @@ def pending_files(spool: str) -> list[str]:
     return out
 
 
+def incomplete_entries(spool: str) -> list[str]:
+    """Visible names that are not part of a complete pair: a data file whose record has not
+    appeared (yet, or ever: a capture process killed between the two renames), or a stray."""
+    try:
+        names = set(os.listdir(spool))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        if n.startswith("."):
+            continue
+        if n.endswith(META_SUFFIX):
+            continue  # orphan records are the upload's own business (orphan_metadata)
+        if n + META_SUFFIX not in names or not os.path.isfile(os.path.join(spool, n)):
+            out.append(n)
+    return sorted(out)
+
+
 def orphan_metadata(spool: str) -> list[str]:
     """Metadata records whose data file is gone (a crash between deleting the two)."""
     try:
@@ -177,11 +195,13 @@ def read_status(spool_dir: str) -> dict[str, Any]:
     st = load_status(spool_dir)
     pending = pending_files(spool_dir)
     failed = failed_files(spool_dir)
+    incomplete = incomplete_entries(spool_dir)
     out = {
         "files_uploaded": int(st.get("files_uploaded") or 0),
         "bytes_uploaded": int(st.get("bytes_uploaded") or 0),
         "files_pending": len(pending),
         "files_failed": len(failed),
+        "files_incomplete": len(incomplete),
         "failed_files": failed,
         "last_upload_error": st.get("last_upload_error"),
         "last_upload_error_time": st.get("last_upload_error_time"),
@@ -190,7 +210,7 @@ def read_status(spool_dir: str) -> dict[str, Any]:
         "upload_attempts": int(st.get("attempts") or 0),
         "next_retry_at": st.get("next_retry_at"),
         "destination": st.get("destination"),
-        "delivered_all": not pending and not failed,
+        "delivered_all": not pending and not failed and not incomplete,
     }
     if failed and not out["last_upload_error"]:
         out["last_upload_error"] = f"{len(failed)} file(s) set aside in {FAILED_DIR}/"

@@ -17,7 +17,7 @@ STORAGETYPE = "local"
 
 #: errno values that will not go away by waiting (anything else, ENOSPC included, is retried).
 _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
-                     errno.ENAMETOOLONG, errno.ELOOP}
+                     errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST}
 
 
 def library_status() -> tuple[bool, str]:

@@ -334,11 +334,12 @@ def test_bad_records_are_set_aside_and_reported(workdir, spool):
     settings = {"experiment": EXP, "storagetype": "local",
                 "storageparams": {"local_storage_dir": str(root)},
                 "node": {"allowed_local_roots": [str(root)]}}
-    r = run_upload(settings, spool, EXP)
+    r = run_upload(settings, spool, EXP, "--once")  # service mode would wait for the record
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(root)) == sorted(list(good) + [n + ".meta.json" for n in good])
     st = read_status(str(spool))
     assert st["files_failed"] == 2 and st["delivered_all"] is False
+    assert st["files_incomplete"] == 1
     assert sorted(st["failed_files"]) == ["exp1_LOC_20261127020000.pcap", trunc]
     assert st["last_upload_error"]
     assert visible(spool) == ["exp1_LOC_20261127020002.pcap"]  # not complete: not touched
@@ -432,3 +433,36 @@ def test_s3_wrong_credentials_clear_reason_no_retry_storm(moto_s3_auth, workdir,
     assert "SignatureDoesNotMatch" in st["last_upload_error"]
     assert st["files_pending"] == len(files) and st["files_uploaded"] == 0
     assert_no_secrets(spool, [wrong_secret, secret], r.stderr, r.stdout, reason)
+
+
+@pytest.mark.integration
+def test_data_file_without_record_waits_instead_of_exiting(workdir, spool):
+    """A visible data file without its metadata record (a capture killed between the two
+    renames) must not make the service exit at once: the .path unit would restart it in a
+    tight loop. It waits, says so, and delivers once the record appears."""
+    root = workdir / "srv"
+    root.mkdir()
+    payload = os.urandom(3000)
+    name = f"{EXP}_LOC_20261127040000.pcap"
+    (spool / name).write_bytes(payload)
+    settings = {"experiment": EXP, "storagetype": "local",
+                "storageparams": {"local_storage_dir": str(root)},
+                "node": {"allowed_local_roots": [str(root)], "incomplete_poll_seconds": 0.2}}
+    proc = start_upload(settings, spool, EXP)
+    try:
+        st = wait_for(lambda: (s := read_status(str(spool)))["upload_state"]
+                      == "waiting-for-metadata" and s, timeout=20, what="waiting state")
+        assert st["files_incomplete"] == 1 and st["delivered_all"] is False
+        time.sleep(1.0)
+        assert proc.poll() is None
+        from .conftest import make_meta
+        (spool / f".{name}.meta.json.tmp").write_text(json.dumps(make_meta(EXP, name, payload)))
+        os.replace(spool / f".{name}.meta.json.tmp", spool / f"{name}.meta.json")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_delivered(root, {name: payload}, spool)
+    assert read_status(str(spool))["delivered_all"] is True
+    assert "waiting for the metadata record of " + name in "\n".join(log_tail(EXP, 20, str(spool)))
