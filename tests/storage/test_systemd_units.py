@@ -236,3 +236,64 @@ def test_path_unit_starts_sandboxed_upload_to_local_and_s3(nsd):
             assert (dest / name).read_bytes() == payload
     finally:
         moto.stop()
+
+
+def test_sandbox_isolation_and_no_restart_loop(nsd):
+    """While the service waits (a data file without its record), look at the world from inside
+    its mount namespace: only its own spool, no gimsd state, a read-only system. Then a
+    permanent error under the .path unit: a few slow restarts, never systemd's start limit."""
+    (nsd.root / "srv/gims").mkdir()
+    os.chown(nsd.root / "srv/gims", 64991, 64991)
+    node = {"allowed_local_roots": ["/srv/gims"], "incomplete_poll_seconds": 0.5}
+    sp_a = setup_experiment(nsd, "exp-a", {
+        "experiment": "exp-a", "storagetype": "local",
+        "storageparams": {"local_storage_dir": "/srv/gims/exp-a"}, "node": node})
+    setup_experiment(nsd, "exp-b", {"experiment": "exp-b", "storagetype": "local",
+                                    "storageparams": {"local_storage_dir": "/srv/gims/b"}})
+    (sp_a / "exp-a_LOC_20261127050000.pcap").write_bytes(b"waiting for its record")
+    nsd.run("systemctl", "start", "gims-upload@exp-a.path")
+    unit = "gims-upload@exp-a.service"
+    end = time.time() + 30
+    pid = 0
+    while time.time() < end and not pid:
+        pid = int(nsd.run("systemctl", "show", "-p", "MainPID", "--value", unit).stdout.strip()
+                  or 0)
+        time.sleep(0.2)
+    assert pid, nsd.run("journalctl", "--no-pager", "-n", "30", check=False).stdout
+
+    def inside(*cmd):
+        # the unit's mount namespace, as its user (in the host's user namespace: the uids
+        # are the same, PrivateUsers= only hides the others)
+        return nsd.run("nsenter", "-t", str(pid), "-m", "setpriv", "--reuid=64991",
+                       "--regid=64990", "--clear-groups", *cmd, check=False)
+    r = inside("ls", "/var/spool/gims")
+    assert r.stdout.split() == ["exp-a"], (r.stdout, r.stderr)
+    r = inside("ls", "/var/lib/gims")
+    assert r.returncode != 0  # gimsd's state, all experiments' credentials: not there
+    r = inside("touch", "/etc/gims-upload-was-here")
+    assert r.returncode != 0 and "Read-only" in r.stderr, r.stderr
+    assert inside("touch", "/srv/gims/probe-from-unit").returncode == 0
+    assert inside("touch", "/var/spool/gims/exp-a/.probe").returncode == 0
+    # the unit's process as the kernel sees it (MainPID is a PID of the namespace)
+    status = (nsd.root / f"proc/{pid}/status").read_text()
+    caps = {ln.split(":")[0]: ln.split()[1] for ln in status.splitlines() if ln.startswith("Cap")}
+    assert caps["CapEff"] == "0000000000000000" and caps["CapBnd"] == "0000000000000000", caps
+    assert "NoNewPrivs:\t1" in status
+    nsd.run("systemctl", "stop", unit)
+
+    # a permanent error under the path unit: the service waits, exits 75, is started again
+    (sp_a / "exp-a_LOC_20261127050000.pcap").unlink()
+    st = nsd.root / "var/lib/gims/experiments/exp-a/storage.json"
+    st.write_text(json.dumps({"experiment": "exp-a", "storagetype": "local",
+                              "storageparams": {"local_storage_dir": "/etc/not-allowed"},
+                              "node": dict(node, permanent_retry_seconds=1.5)}))
+    drop_files(sp_a, "exp-a", 1)
+    time.sleep(8)
+    journal = nsd.run("journalctl", "--no-pager", "-u", unit, "-o", "cat").stdout
+    starts = journal.count("Started gims-upload@exp-a.service")
+    assert 2 <= starts <= 7, journal  # one run per ~1.5 s wait, not a burst
+    assert "Start request repeated too quickly" not in journal
+    assert nsd.run("systemctl", "is-failed", "gims-upload@exp-a.path", check=False) \
+        .stdout.strip() != "failed"
+    spool_status = json.loads((sp_a / ".gims-upload-status.json").read_text())
+    assert "not under an allowed root" in spool_status["last_upload_error"]
