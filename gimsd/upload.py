@@ -86,6 +86,11 @@ class Uploader:
         self.stop = threading.Event()
         self.halt = threading.Event()  # set on a permanent error: stop starting transfers
 
+    def _redact(self, text: str) -> str:
+        """Back-end errors should never carry a secret; make sure of it before they are
+        written anywhere (status file, log, journal)."""
+        return storage.redact(text, self.backend.secrets())
+
     # -- one file ------------------------------------------------------------------------
     def _set_aside(self, name: str, reason: str) -> None:
         d = os.path.join(self.spool, FAILED_DIR)
@@ -95,7 +100,7 @@ class Uploader:
                 os.replace(os.path.join(self.spool, n), os.path.join(d, n))
             except FileNotFoundError:
                 pass
-        msg = f"{name} set aside in {FAILED_DIR}/: {reason}"
+        msg = self._redact(f"{name} set aside in {FAILED_DIR}/: {reason}")
         self.log.error(msg)
         self.status.error(msg, permanent=True)
 
@@ -209,12 +214,12 @@ class Uploader:
                 return "aside"
             except PermanentStorageError as e:
                 self.halt.set()
-                msg = f"{name}: {e} (permanent; not retrying)"
-                self.log.error(msg)
-                self.status.error(str(e), permanent=True)
+                self.log.error(f"{name}: {e} (permanent; not retrying)")
+                self.status.error(self._redact(str(e)), permanent=True)
                 return "permanent"
             except (StorageError, OSError) as e:
                 what = str(e) if isinstance(e, StorageError) else f"local I/O: {e.strerror or e}"
+                what = self._redact(what)
                 self.status.error(what, permanent=False)
                 if attempt == attempts:
                     self.log.error(f"{name}: {what} (attempt {attempt}/{attempts}; "

@@ -466,3 +466,26 @@ def test_data_file_without_record_waits_instead_of_exiting(workdir, spool):
     assert_delivered(root, {name: payload}, spool)
     assert read_status(str(spool))["delivered_all"] is True
     assert "waiting for the metadata record of " + name in "\n".join(log_tail(EXP, 20, str(spool)))
+
+
+@pytest.mark.integration
+def test_sigterm_while_backing_off_stops_promptly_and_loses_nothing(sshd, workdir, spool):
+    files = fill_spool(spool, [os.urandom(2000) for _ in range(3)])
+    settings = {"experiment": EXP, "storagetype": "ssh", "storageparams": sshd.params(),
+                "node": {"known_hosts": "/nonexistent", **FAST_RETRIES,
+                         "round_backoff_initial": 30.0, "round_backoff_max": 60.0}}
+    sshd.stop()  # storage unreachable from the start
+    proc = start_upload(settings, spool, EXP)
+    try:
+        wait_for(lambda: read_status(str(spool))["upload_state"] == "waiting", timeout=30,
+                 what="the uploader to back off")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 75  # files remain: not "drained"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    st = read_status(str(spool))
+    assert st["upload_state"] == "stopped" and st["files_pending"] == len(files)
+    assert "cannot connect" in st["last_upload_error"]
+    assert sorted(visible(spool)) == sorted(list(files) + [n + ".meta.json" for n in files])
