@@ -1,0 +1,50 @@
+#!/bin/bash
+# PID 1 of the sandbox's new PID + mount (+ cgroup) namespace, started by sandbox/up.sh.
+# Makes the namespace's file system private (fresh /run and /tmp, copy-on-write overlays
+# over /etc, /var and /srv so sysusers, units, state and spool never reach the host),
+# installs gims into it, then execs a real systemd as PID 1.
+# Usage: boot.sh REPO PYTHON
+set -euo pipefail
+repo=$1 py=$2
+[ "$$" = 1 ] || { echo "boot.sh: must run as PID 1 of a new PID namespace" >&2; exit 1; }
+
+# /proc of this PID namespace; fresh tmpfs on /run and /tmp. Without its own /tmp, the
+# booted systemd's tmpfiles run would empty the HOST's /tmp.
+mount -t proc proc /proc
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+
+# Copy-on-write overlays: every write under /etc, /var, /srv lands in this tmpfs, which
+# disappears with the namespace. The host's files are the read-only lower layer.
+ovl=/run/gims-sandbox-overlay
+mkdir -p "$ovl"
+mount -t tmpfs -o mode=700 tmpfs "$ovl"
+for d in etc var srv; do
+    mkdir -p "$ovl/$d/upper" "$ovl/$d/work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$ovl/$d/upper,workdir=$ovl/$d/work" "/$d"
+done
+
+# cgroups: this process sits in a cgroup of its own (up.sh created it and unshared a
+# cgroup namespace), so remount the hierarchies here to see that cgroup as the root.
+if [ -d /sys/fs/cgroup/unified ]; then
+    mount -t tmpfs -o mode=755,nosuid,nodev,noexec tmpfs /sys/fs/cgroup
+    mkdir -p /sys/fs/cgroup/unified /sys/fs/cgroup/systemd
+    mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup/unified
+    mount -t cgroup -o nosuid,nodev,noexec,none,name=systemd cgroup /sys/fs/cgroup/systemd
+    for c in $(awk 'NR>1 && $2!=0 && $4==1 {print $1}' /proc/cgroups); do
+        mkdir -p "/sys/fs/cgroup/$c"
+        mount -t cgroup -o "nosuid,nodev,noexec,$c" cgroup "/sys/fs/cgroup/$c" || rmdir "/sys/fs/cgroup/$c"
+    done
+else
+    mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
+fi
+
+"$repo/sandbox/install-node.sh" "$repo" "$py"
+
+# systemd relies on mount propagation from its children's namespaces (credentials,
+# PrivateTmp...): share everything within this namespace; unshare made it all private
+# to the host already, so nothing propagates out.
+mount --make-rshared /
+
+echo "gims-sandbox: booting systemd"
+exec /lib/systemd/systemd --system --unit=basic.target --log-target=journal --show-status=no
