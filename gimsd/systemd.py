@@ -37,6 +37,22 @@ _JOB_REMOVED_MATCH = (f"type='signal',sender='{_SYSTEMD}',path='{_MANAGER_PATH}'
 _CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
 
 
+# systemd's own exit codes for a service that failed before running its program
+# (systemd.exec(5) "Process Exit Codes"), so reasons read "243/CREDENTIALS", not "243".
+SYSTEMD_EXIT_CODES = {
+    200: "CHDIR", 201: "NICE", 202: "FDS", 203: "EXEC", 204: "MEMORY", 205: "LIMITS",
+    206: "OOM_ADJUST", 207: "SIGNAL_MASK", 208: "STDIN", 209: "STDOUT", 210: "CHROOT",
+    211: "IOPRIO", 212: "TIMERSLACK", 213: "SECUREBITS", 214: "SETSCHEDULER",
+    215: "CPUAFFINITY", 216: "GROUP", 217: "USER", 218: "CAPABILITIES", 219: "CGROUP",
+    220: "SETSID", 221: "CONFIRM", 222: "STDERR", 224: "PAM", 225: "NETWORK",
+    226: "NAMESPACE", 227: "NO_NEW_PRIVILEGES", 228: "SECCOMP", 229: "SELINUX_CONTEXT",
+    230: "PERSONALITY", 231: "APPARMOR_PROFILE", 232: "ADDRESS_FAMILIES",
+    233: "RUNTIME_DIRECTORY", 235: "CHOWN", 236: "SMACK_PROCESS_LABEL", 237: "KEYRING",
+    238: "STATE_DIRECTORY", 239: "CACHE_DIRECTORY", 240: "LOGS_DIRECTORY",
+    241: "CONFIGURATION_DIRECTORY", 242: "NUMA_POLICY", 243: "CREDENTIALS", 245: "BPF",
+}
+
+
 class UnitError(Exception):
     """A unit operation failed; str() is the reason (systemd's or polkit's words)."""
 
@@ -107,7 +123,12 @@ class UnitManager:
         return self._run(self._job("RestartUnit", check_unit_name(name)), self.job_timeout + 5)
 
     def reset_failed(self, name: str) -> None:
-        self._run(self._call(_MANAGER_PATH, _MANAGER, "ResetFailedUnit", "s", [check_unit_name(name)]))
+        """Forget a unit's failed state; a unit that is not loaded has none to forget."""
+        try:
+            self._run(self._call(_MANAGER_PATH, _MANAGER, "ResetFailedUnit", "s", [check_unit_name(name)]))
+        except UnitError as exc:
+            if "org.freedesktop.systemd1.NoSuchUnit" not in str(exc):
+                raise
 
     def unit_status(self, name: str) -> dict[str, Any]:
         return self._run(self._status(check_unit_name(name)))
@@ -205,7 +226,9 @@ class UnitManager:
         if st["result"] and st["result"] != "success":
             bits.append(f"result {st['result']}")
         if st["exec_main_status"]:
-            bits.append(f"exit status {st['exec_main_status']}")
+            code = st["exec_main_status"]
+            name = SYSTEMD_EXIT_CODES.get(code)
+            bits.append(f"exit status {code}" + (f"/{name}" if name else ""))
         if st["status_text"]:
             bits.append(st["status_text"])
         return ": " + ", ".join(bits)

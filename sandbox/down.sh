@@ -44,4 +44,5 @@ for d in $CGROUPS; do
     [ -d "$d" ] && echo "sandbox/down.sh: could not remove cgroup $d" >&2
 done
 rm -rf "$statedir"
-echo "gims sandbox down${stopped:+: stopped PIDs ${stopped[*]}}; removed $VETH, netns $NETNS, cgroups, $statedir"
+stopped_list=$(printf '%s\n' "${stopped[@]}" | sort -un | tr '\n' ' ')
+echo "gims sandbox down${stopped_list:+: stopped PIDs $stopped_list}; removed $VETH, netns $NETNS, cgroups, $statedir"

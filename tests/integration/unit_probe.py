@@ -61,17 +61,17 @@ def main() -> int:
         lambda: (open(os.path.join(spool, "umask-test"), "w").close(),
                  oct(os.stat(os.path.join(spool, "umask-test")).st_mode & 0o777))[1])
 
-    from systemd import daemon, journal
-    journal.send("probe running", EXPERIMENT_PROBE="1")
-    daemon.notify("READY=1\nSTATUS=packets_observed=0 files_written=0")
-    daemon.notify("WATCHDOG=1")
     tmp = os.path.join(spool, ".probe.json.tmp")
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     os.rename(tmp, os.path.join(spool, "probe.json"))
-    if cfg.get("fail"):
+    if cfg.get("fail"):  # before READY=1, as a capture with a bad config would
         print("probe: failing as asked: " + cfg["fail"], file=sys.stderr)
         return 3
+    from systemd import daemon, journal
+    journal.send("probe running", PROBE="1")
+    daemon.notify("READY=1\nSTATUS=packets_observed=0 files_written=0")
+    daemon.notify("WATCHDOG=1")
     time.sleep(float(cfg.get("linger", 0)))
     return 0
 
