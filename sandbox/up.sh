@@ -37,6 +37,12 @@ if [ -e /sys/class/net/$veth ] || ip netns list | grep -qw "$netns"; then
     die "$veth or netns $netns exists but no sandbox state: run sandbox/down.sh first"
 fi
 
+# The units run the repository's code in place; their sandboxing hides these trees.
+case $repo/ in
+    /tmp/*|/var/tmp/*|/home/*|/root/*|/run/*)
+        die "the repository ($repo) must not lie under /tmp, /var/tmp, /home, /root or /run: the units' PrivateTmp=/ProtectHome= hide it";;
+esac
+
 py=${GIMS_SANDBOX_PYTHON:-}
 if [ -z "$py" ]; then
     for c in "$repo/.venv/bin/python" /usr/bin/python3; do
@@ -47,6 +53,15 @@ fi
     || die "$py lacks dbus_next/numpy/pcapy: run 'make deps' or set GIMS_SANDBOX_PYTHON"
 
 mkdir -p "$statedir"
+# A failed start leaves nothing behind: down.sh undoes what was recorded so far.
+cleanup_on_failure() {
+    if [ "$?" != 0 ] && ! grep -q '^READY=1' "$state" 2>/dev/null; then
+        echo "sandbox/up.sh: start failed; undoing it (logs kept in ${failed_logs:=/var/tmp/gims-sandbox-failed.$$})" >&2
+        mkdir -p "$failed_logs" && cp "$statedir"/*.log "$failed_logs"/ 2>/dev/null
+        "$repo/sandbox/down.sh" >&2 || true
+    fi
+}
+trap cleanup_on_failure EXIT
 : > "$state.new"
 rec() { echo "$1=$2" >> "$state.new"; cp "$state.new" "$state"; }
 rec REPO "$repo"
