@@ -3,16 +3,17 @@
 # Makes the namespace's file system private (fresh /run and /tmp, copy-on-write overlays
 # over /etc, /var and /srv so sysusers, units, state and spool never reach the host),
 # installs gims into it, then execs a real systemd as PID 1.
-# Usage: boot.sh REPO PYTHON
+# Usage: boot.sh REPO PYTHON NODE_REPO NODE_PYTHON
+#   REPO is bind-mounted at NODE_REPO inside the node (a path no unit's sandboxing hides,
+#   wherever the checkout lies: /tmp, /home...); NODE_PYTHON is PYTHON seen from there.
 set -euo pipefail
-repo=$1 py=$2
+repo=$1 py=$2 node_repo=$3 node_py=$4
 [ "$$" = 1 ] || { echo "boot.sh: must run as PID 1 of a new PID namespace" >&2; exit 1; }
 
 # /proc of this PID namespace; fresh tmpfs on /run and /tmp. Without its own /tmp, the
 # booted systemd's tmpfiles run would empty the HOST's /tmp.
 mount -t proc proc /proc
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 
 # Copy-on-write overlays: every write under /etc, /var, /srv lands in this tmpfs, which
 # disappears with the namespace. The host's files are the read-only lower layer.
@@ -23,6 +24,13 @@ for d in etc var srv; do
     mkdir -p "$ovl/$d/upper" "$ovl/$d/work"
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$ovl/$d/upper,workdir=$ovl/$d/work" "/$d"
 done
+
+# The repository, where the units find it (before /tmp is covered, in case it lies there).
+mkdir -p "$node_repo"
+mount --bind "$repo" "$node_repo"
+mount -o remount,bind,ro "$node_repo"
+
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 
 # cgroups: this process sits in a cgroup of its own (up.sh created it and unshared a
 # cgroup namespace), so remount the hierarchies here to see that cgroup as the root.
@@ -39,7 +47,7 @@ else
     mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
 fi
 
-"$repo/sandbox/install-node.sh" "$repo" "$py"
+"$node_repo/sandbox/install-node.sh" "$node_repo" "$node_py"
 
 # systemd relies on mount propagation from its children's namespaces (credentials,
 # PrivateTmp...): share everything within this namespace; unshare made it all private

@@ -37,10 +37,11 @@ if [ -e /sys/class/net/$veth ] || ip netns list | grep -qw "$netns"; then
     die "$veth or netns $netns exists but no sandbox state: run sandbox/down.sh first"
 fi
 
-# The units run the repository's code in place; their sandboxing hides these trees.
+# The node sees the repository at $node_repo (a bind mount made inside it), where no
+# unit's PrivateTmp=/ProtectHome= hides it.
+node_repo=/var/lib/gims-sandbox/repo
 case $repo/ in
-    /tmp/*|/var/tmp/*|/home/*|/root/*|/run/*)
-        die "the repository ($repo) must not lie under /tmp, /var/tmp, /home, /root or /run: the units' PrivateTmp=/ProtectHome= hide it";;
+    /run/*) die "the repository ($repo) must not lie under /run (the node gets a fresh /run)";;
 esac
 
 py=${GIMS_SANDBOX_PYTHON:-}
@@ -51,6 +52,13 @@ if [ -z "$py" ]; then
 fi
 "$py" -c 'import dbus_next, numpy, pcapy' 2>/dev/null \
     || die "$py lacks dbus_next/numpy/pcapy: run 'make deps' or set GIMS_SANDBOX_PYTHON"
+
+case $py in
+    "$repo"/*) node_py=$node_repo/${py#"$repo"/};;
+    /tmp/*|/var/tmp/*|/home/*|/root/*|/run/*)
+        die "$py is hidden from the units (PrivateTmp=/ProtectHome=): use a Python elsewhere or in the repository's .venv";;
+    *) node_py=$py;;
+esac
 
 mkdir -p "$statedir"
 # A failed start leaves nothing behind: down.sh undoes what was recorded so far.
@@ -67,6 +75,8 @@ rec() { echo "$1=$2" >> "$state.new"; cp "$state.new" "$state"; }
 rec REPO "$repo"
 rec PYTHON "$py"
 rec STATEDIR "$statedir"
+rec NODE_REPO "$node_repo"
+rec NODE_PYTHON "$node_py"
 
 # cgroups: a cgroup of its own in every hierarchy, so the node's systemd (in a cgroup
 # namespace rooted there) cannot touch anyone else's cgroups.
@@ -111,7 +121,7 @@ setsid bash -c '
     set -e
     for d in "$@"; do echo $$ > "$d/cgroup.procs"; done
     exec unshare --pid --fork --mount --cgroup --propagation private --kill-child \
-        "'"$repo"'/sandbox/boot.sh" "'"$repo"'" "'"$py"'"
+        "'"$repo"'/sandbox/boot.sh" "'"$repo"'" "'"$py"'" "'"$node_repo"'" "'"$node_py"'"
 ' bash "${cgdirs[@]}" </dev/null >"$log" 2>&1 &
 unshare_pid=$!
 rec UNSHARE_PID "$unshare_pid"
@@ -170,6 +180,7 @@ rec READY 1
 cat <<MSG
 gims sandbox up:
   systemd (PID 1 of the node's namespaces): host PID $node_pid  (unshare $unshare_pid; boot log $log)
+  code:            $repo, seen in the node as $node_repo, run with $node_py
   enter it:        sandbox/enter.sh systemctl status     (nsenter -t $node_pid -m -p ...)
   capture on:      $veth  $v4_node $v6_node  <->  $peer in netns $netns ($v4_peer $v6_peer)
   traffic PIDs:    ${tpids[*]}  (ping, ping -6, UDP/TCP echo on ports 47001/47002)

@@ -51,8 +51,9 @@ class Sandbox:
     def __init__(self, state: dict[str, str]):
         self.state = state
         self.node_pid = int(state["NODE_PID"])
-        self.python = state.get("PYTHON", sys.executable)
-        self.repo = Path(state.get("REPO", str(REPO)))
+        # paths as the node sees them (the repository is bind-mounted there)
+        self.python = state.get("NODE_PYTHON", sys.executable)
+        self.repo = Path(state.get("NODE_REPO", str(REPO)))
         self.root = Path(f"/proc/{self.node_pid}/root")  # the node's file system, from the host
 
     def run(self, *cmd: str, user: str | None = None, input: str | None = None,
