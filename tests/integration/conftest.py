@@ -48,12 +48,16 @@ def _alive(pid: str | None) -> bool:
 class Sandbox:
     """Handle on a running sandbox node: run commands inside it, read its files."""
 
+    host_before: dict[str, object] | None = None  # host_snapshot() before up.sh, if we started it
+    tmp_marker: Path | None = None
+
     def __init__(self, state: dict[str, str]):
         self.state = state
         self.node_pid = int(state["NODE_PID"])
         # paths as the node sees them (the repository is bind-mounted there)
         self.python = state.get("NODE_PYTHON", sys.executable)
         self.repo = Path(state.get("NODE_REPO", str(REPO)))
+        self.state_repo = Path(state.get("REPO", str(REPO)))  # the repository, on the host
         self.root = Path(f"/proc/{self.node_pid}/root")  # the node's file system, from the host
 
     def run(self, *cmd: str, user: str | None = None, input: str | None = None,
@@ -119,6 +123,35 @@ class Sandbox:
                 "systemctl daemon-reload", input=dropin)
 
 
+def host_snapshot() -> dict[str, object]:
+    """What the sandbox could leak onto the host, if its namespaces leaked: gims users and
+    groups, units, polkit rules, sysusers/tmpfiles entries, gims directories, PrivateTmp
+    directories, journal files. (Targeted, so other people's apt installs do not count.)"""
+    snap: dict[str, object] = {}
+
+    def names(d: str, pred=lambda n: True) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(d) if pred(n))
+        except OSError:
+            return []
+
+    for f in ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"):
+        try:
+            snap[f] = sorted(line for line in Path(f).read_text().splitlines() if line.startswith("gims"))
+        except OSError as exc:
+            snap[f] = str(exc)
+    gimsy = lambda n: "gims" in n or n.startswith("capture@")  # noqa: E731
+    for d in ("/etc/systemd/system", "/etc/polkit-1/rules.d", "/etc/sysusers.d", "/etc/tmpfiles.d"):
+        snap[d] = names(d, gimsy)
+    for d in ("/var/lib/gims", "/var/spool/gims", "/srv/gims", "/etc/gims", "/var/lib/gims-sandbox"):
+        snap[d] = os.path.exists(d)
+    snap["/var/tmp/systemd-private-*"] = names("/var/tmp", lambda n: n.startswith("systemd-private-"))
+    snap["/var/log/journal"] = names("/var/log/journal")
+    for d in names("/var/log/journal"):
+        snap[f"/var/log/journal/{d}"] = names(f"/var/log/journal/{d}")
+    return snap
+
+
 def _need_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("the sandbox needs root (namespaces, veth, a systemd of its own)")
@@ -141,6 +174,10 @@ def sandbox():
         pytest.fail("GIMS_SANDBOX_REUSE=1 but no sandbox is up: run make sandbox")
     else:
         env = dict(os.environ, GIMS_SANDBOX_PYTHON=sys.executable)
+        # A file in the host's /tmp that a booted systemd's tmpfiles run must not delete.
+        tmp_marker = Path(f"/tmp/gims-sandbox-marker.{os.getpid()}")
+        tmp_marker.write_text("must survive the sandbox")
+        before = host_snapshot()
         t0 = time.monotonic()
         res = subprocess.run([str(REPO / "sandbox/up.sh")], env=env, capture_output=True, text=True,
                              timeout=300)
@@ -150,11 +187,15 @@ def sandbox():
             pytest.fail(f"sandbox/up.sh failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         print(f"\nsandbox up in {time.monotonic() - t0:.1f} s:\n{res.stdout}", file=sys.stderr)
         st = read_state()
+    box = Sandbox(st)
+    if ours:
+        box.host_before, box.tmp_marker = before, tmp_marker
     try:
-        yield Sandbox(st)
+        yield box
     finally:
         if ours:
             subprocess.run([str(REPO / "sandbox/down.sh")], capture_output=True, timeout=120)
+            tmp_marker.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
