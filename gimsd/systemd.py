@@ -58,7 +58,8 @@ class UnitError(Exception):
 
 
 def check_unit_name(name: str) -> str:
-    if not isinstance(name, str) or not UNIT_NAME_RE.match(name):
+    # fullmatch: "$" alone would let a trailing newline through
+    if not isinstance(name, str) or not UNIT_NAME_RE.fullmatch(name):
         raise UnitError(f"refused unit name {name!r}: gimsd manages only capture@<id>.service "
                         "and gims-upload@<id>.service/.path")
     return name
@@ -104,6 +105,7 @@ class UnitManager:
         self.call_timeout = call_timeout
         self._bus_address = bus_address
         self._bus: MessageBus | None = None
+        self._connect_lock: asyncio.Lock | None = None  # made in the loop's thread
         self._waiters: dict[str, asyncio.Future] = {}
         self._finished: dict[str, str] = {}  # job path -> result, for jobs done before we waited
         self._loop = asyncio.new_event_loop()
@@ -157,6 +159,14 @@ class UnitManager:
     async def _connected(self) -> MessageBus:
         if self._bus is not None and self._bus.connected:
             return self._bus
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:  # concurrent first calls share one connection
+            if self._bus is not None and self._bus.connected:
+                return self._bus
+            return await self._connect()
+
+    async def _connect(self) -> MessageBus:
         self._waiters.clear()
         self._finished.clear()
         try:
