@@ -75,7 +75,9 @@ class PcapOutput:
     def add(self, batch: Batch, headers, keep: np.ndarray | None = None) -> None:
         if keep is not None and not keep.all():
             batch = batch.take(np.nonzero(keep)[0])
-        if len(batch):
+        if batch.records:  # the savefile's own records, possibly rewritten in place
+            self.f.write(batch.buf)
+        elif len(batch):
             self.f.write(pcap_records(batch))
 
     def advance(self, now: float) -> None:
