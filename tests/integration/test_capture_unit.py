@@ -105,3 +105,31 @@ def test_capture_unit_bad_interface_fails(sandbox, exp_id):
     sandbox.write_capture_config(exp_id, capture_settings(exp_id, interface="gims-nope0"))
     out = unit_call(sandbox, f"capture@{exp_id}.service", "start_unit")
     assert "error" in out and out["status"]["active_state"] in ("failed", "activating"), out
+
+
+def test_capture_loop_feeds_the_watchdog(sandbox, exp_id):
+    """WatchdogSec shortened to 2 s for this instance only: a live capture keeps running on
+    its own pings; a frozen one (SIGSTOP) is killed by systemd and restarted."""
+    unit = f"capture@{exp_id}.service"
+    sandbox.write_capture_config(exp_id, capture_settings(exp_id, rollover_seconds=60))
+    sandbox.sh(f"mkdir -p /etc/systemd/system/{unit}.d && cat > /etc/systemd/system/{unit}.d/50-test-watchdog.conf"
+               " && systemctl daemon-reload",
+               input="[Service]\nWatchdogSec=2\nTimeoutAbortSec=1\nRestartSec=1\n")
+    try:
+        out = unit_call(sandbox, unit, "start_unit")
+        assert out.get("job") == "done", out
+        pid = out["status"]["main_pid"]
+        time.sleep(6)  # three watchdog periods
+        st = unit_call(sandbox, unit, "unit_status")["status"]
+        assert (st["active_state"], st["main_pid"], st["n_restarts"]) == ("active", pid, 0), st
+        sandbox.systemctl("kill", "--signal=SIGSTOP", unit)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = unit_call(sandbox, unit, "unit_status")["status"]
+            if st["n_restarts"] >= 1 and st["active_state"] == "active":
+                break
+            time.sleep(0.5)
+        assert st["n_restarts"] >= 1 and st["main_pid"] != pid, st
+        assert "Watchdog timeout" in sandbox.journal("-u", unit)
+    finally:
+        sandbox.sh(f"rm -rf /etc/systemd/system/{unit}.d && systemctl daemon-reload")
