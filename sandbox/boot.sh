@@ -32,9 +32,40 @@ mount -o remount,bind,ro "$node_repo"
 
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 
+# Kernel settings are the host's: read-only here (systemd as PID 1 would raise fs.file-max
+# and friends; units' ProtectKernelTunables= agrees).
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+# (the host's cgroup layout, looked at before /sys is covered: hybrid or unified)
+if [ -d /sys/fs/cgroup/unified ]; then cg_hybrid=1; else cg_hybrid=; fi
+mount --bind /sys /sys
+mount -o remount,bind,ro /sys
+
+# A /dev of its own: the host's is a shared devtmpfs, where systemd would create /dev/log,
+# /dev/initctl... pointing into this node's /run. Only the basic nodes, bound from the host's;
+# the console goes nowhere; a private devpts and /dev/shm.
+mkdir -p "$ovl/hostdev"
+mount --bind /dev "$ovl/hostdev"
+mount -t tmpfs -o mode=755,nosuid,size=4m tmpfs /dev
+for n in null zero full random urandom tty; do
+    touch "/dev/$n"
+    mount --bind "$ovl/hostdev/$n" "/dev/$n"
+done
+touch /dev/console
+mount --bind "$ovl/hostdev/null" /dev/console
+mkdir -p /dev/pts /dev/shm /dev/mqueue /dev/hugepages
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5,nosuid,noexec devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+umount "$ovl/hostdev"
+
 # cgroups: this process sits in a cgroup of its own (up.sh created it and unshared a
 # cgroup namespace), so remount the hierarchies here to see that cgroup as the root.
-if [ -d /sys/fs/cgroup/unified ]; then
+if [ -n "$cg_hybrid" ]; then
     mount -t tmpfs -o mode=755,nosuid,nodev,noexec tmpfs /sys/fs/cgroup
     mkdir -p /sys/fs/cgroup/unified /sys/fs/cgroup/systemd
     mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup/unified

@@ -83,6 +83,7 @@ rec NODE_PYTHON "$node_py"
 cgdirs=()
 for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
     h=${h%/}
+    mountpoint -q "$h" || continue  # hierarchies only (on a cgroup2-only host, subdirs are cgroups)
     fstype=$(stat -f -c %T "$h" 2>/dev/null) || continue
     [[ $fstype == cgroup* ]] || continue
     if [ "$h" = /sys/fs/cgroup ]; then ctl=0; else ctl=$(basename "$h"); fi
