@@ -145,6 +145,8 @@ def host_snapshot() -> dict[str, object]:
         snap[d] = names(d, gimsy)
     for d in ("/var/lib/gims", "/var/spool/gims", "/srv/gims", "/etc/gims", "/var/lib/gims-sandbox"):
         snap[d] = os.path.exists(d)
+    for f in ("/dev/log", "/dev/initctl"):  # systemd makes these links in the /dev it sees
+        snap[f] = os.path.lexists(f)
     snap["/var/tmp/systemd-private-*"] = names("/var/tmp", lambda n: n.startswith("systemd-private-"))
     snap["/var/log/journal"] = names("/var/log/journal")
     for d in names("/var/log/journal"):
