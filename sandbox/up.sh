@@ -5,7 +5,7 @@
 #  - a veth pair: gims-sb0 (host network namespace, which the node shares) <-> gims-sb0p in
 #    the network namespace gims-sb-peer, carrying steady IPv4+IPv6 ICMP/UDP/TCP traffic;
 #  - gimsd.service answering at http://127.0.0.1:8001/ (once gimsd/server.py exists).
-# Everything started is recorded in $GIMS_SANDBOX_STATE (default /run/gims-sandbox/state)
+# Everything started is recorded in $GIMS_SANDBOX_DIR/state (default /run/gims-sandbox/state)
 # for sandbox/down.sh. Running it again while the sandbox is up just says so.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,7 +17,7 @@ peer=gims-sb0p
 v4_node=198.18.203.1 v4_peer=198.18.203.2
 v6_node=fd67:696d:7362::1 v6_peer=fd67:696d:7362::2
 cgname=gims-sandbox
-port=${GIMS_SANDBOX_PORT:-8001}
+port=8001  # sandbox/gimsd.toml
 
 die() { echo "sandbox/up.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (namespaces, veth, systemd)"
