@@ -190,3 +190,31 @@ def test_gims_sb0_carries_v4_v6_icmp_tcp_udp(sandbox):
     assert re.search(r"IP6 fd67:696d:7362::\d\.\d+ > fd67:696d:7362::\d\.\d+: UDP", text), text[:2000]
     assert re.search(r"IP 198\.18\.203\.\d+\.\d+ > 198\.18\.203\.\d+\.\d+: Flags \[S\]", text), text[:2000]
     assert re.search(r"IP6 fd67:696d:7362::\d\.\d+ > fd67:696d:7362::\d\.\d+: Flags \[S\]", text), text[:2000]
+
+
+def test_unit_manager_serves_concurrent_threads(sandbox, exp_id):
+    """gimsd's XML-RPC handlers are threads: one UnitManager, many callers at once."""
+    sandbox.install_probe(exp_id, {"linger": 60})
+    unit = f"capture@{exp_id}.service"
+    res = sandbox.py(f"""
+import json, threading
+from gimsd.systemd import UnitManager, UnitError
+um = UnitManager(job_timeout=30)
+results, errors = [], []
+def worker(i):
+    try:
+        if i == 0:
+            results.append(um.start_unit({unit!r}))
+        for _ in range(5):
+            results.append(um.unit_status({unit!r})["load_state"])
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+[t.start() for t in threads]; [t.join(60) for t in threads]
+final = um.unit_status({unit!r})["active_state"]
+um.stop_unit({unit!r})
+print(json.dumps({{"results": results, "errors": errors, "final": final}}))
+""", user="gims")
+    out = json.loads(res.stdout)
+    assert out["errors"] == [] and out["final"] == "active"
+    assert out["results"].count("loaded") == 40 and out["results"].count("done") == 1
