@@ -210,6 +210,15 @@ def gimsd_url(sandbox):
     return url
 
 
+@pytest.fixture(scope="session")
+def upload_units(gimsd_url):
+    """gimsd starts gims-upload@<id>.path with every experiment: needs the storage half."""
+    missing = [p for p in ("units/gims-upload@.path", "units/gims-upload@.service", "gimsd/upload.py")
+               if not (REPO / p).exists()]
+    if missing:
+        pytest.skip(f"the upload units are not on this branch yet (issue #4): no {', '.join(missing)}")
+
+
 _counter = iter(range(10**6))
 
 

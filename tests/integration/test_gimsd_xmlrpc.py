@@ -65,7 +65,7 @@ def restart_gimsd(sandbox):
     assert wait_for(answering, 30), "gimsd did not come back after a restart"
 
 
-def test_am_call_sequence_captures_and_delivers(sandbox, am, exp_id):
+def test_am_call_sequence_captures_and_delivers(sandbox, am, exp_id, upload_units):
     exp = exp_id
     ident = {"ExperimentId": exp}
     # configure in several partial calls, as the AM does
@@ -135,7 +135,7 @@ def test_am_call_sequence_captures_and_delivers(sandbox, am, exp_id):
     assert sandbox.journal(f"EXPERIMENT={exp}", "_SYSTEMD_UNIT=" + unit).strip()
 
 
-def test_crashed_capture_is_reported(sandbox, am, exp_id):
+def test_crashed_capture_is_reported(sandbox, am, exp_id, upload_units):
     exp = exp_id
     ident = {"ExperimentId": exp}
     am.configureExperiment({**ident, "CaptureSpec": {"filterexpr": "icmp", "device": "gims-sb0"},
