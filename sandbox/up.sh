@@ -37,6 +37,11 @@ if [ -e /sys/class/net/$veth ] || ip netns list | grep -qw "$netns"; then
     die "$veth or netns $netns exists but no sandbox state: run sandbox/down.sh first"
 fi
 
+# gimsd will listen on 127.0.0.1:8001 in the host's network namespace: it must be free.
+if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+    die "port $port is already taken: $(ss -Hltnp "sport = :$port" | head -1)"
+fi
+
 # The node sees the repository at $node_repo (a bind mount made inside it), where no
 # unit's PrivateTmp=/ProtectHome= hides it.
 node_repo=/var/lib/gims-sandbox/repo
