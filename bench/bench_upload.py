@@ -69,10 +69,39 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def run(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> None:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
+
+
+class UploadProcess:
+    """One real ``gims-upload --once`` run per round on a spool holding the file and its
+    metadata record: process start, hashing, transfer, verification, metadata upload, delete."""
+
+    def __init__(self, work: Path, data: Path, settings: dict):
+        import hashlib
+        import json
+        self.work, self.data = work, data
+        self.storage_file = work / f"storage-{settings['storagetype']}.json"
+        self.storage_file.write_text(json.dumps(settings))
+        h = hashlib.sha256()
+        with open(data, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self.meta = json.dumps({"format": "gims-meta/1", "experiment": "bench",
+                                "size": data.stat().st_size, "sha256": h.hexdigest()})
+
+    def __call__(self) -> None:
+        spool = self.work / "spool"
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir()
+        name = "bench_LOC_20261127000000.pcap"
+        os.link(self.data, spool / name)  # no copy: the upload deletes only the link
+        (spool / (name + ".meta.json")).write_text(self.meta)
+        run([sys.executable, "-m", "gimsd.upload", "--once", "--experiment", "bench",
+             "--storage", str(self.storage_file), "--spool", str(spool)],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=str(REPO))
 
 
 def main() -> int:
@@ -113,16 +142,20 @@ def main() -> int:
                        AWS_PAGER="")
             aws_cmd = [aws, "s3", "cp", "--only-show-errors", "--endpoint-url", endpoint,
                        str(data), "s3://gims-bench/aws-copy.bin"] if aws else None
-            g, a = [], []
+            proc_run = UploadProcess(work, data, settings)
+            g, gp, a = [], [], []
             for _ in range(args.rounds):
                 g.append(timed(lambda: (backend.put(str(data), "gims-copy.bin"),
                                         backend.verify("gims-copy.bin", size, None))))
+                gp.append(timed(proc_run))
                 if aws_cmd:
                     a.append(timed(lambda: run(aws_cmd, env)))
             backend.close()
-            rows.append(("S3 (moto)", "gims s3 back-end (boto3 put + head)", g,
-                         " ".join(aws_cmd[:-2] + ["FILE", "s3://gims-bench/KEY"]) if aws_cmd
-                         else "aws: not installed", a))
+            peer = " ".join(aws_cmd[:-2] + ["FILE", "s3://gims-bench/KEY"]) if aws_cmd \
+                else "aws: not installed"
+            rows.append(("S3 (moto)", "gims s3 back-end (boto3 put + head)", g, peer, a))
+            rows.append(("S3 (moto)", "gims-upload --once (whole process, metadata too)", gp,
+                         "(same)", a))
         if not args.skip_sftp:
             sshd = Sshd(work / "sshd")
             procs.append(sshd)
@@ -138,14 +171,18 @@ def main() -> int:
             sftp_cmd = ["sftp", "-q", "-b", str(batch), "-i", str(keyfile), "-P", str(sshd.port),
                         "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
                         "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1"]
-            g, o = [], []
+            proc_run = UploadProcess(work, data, dict(settings, node={"known_hosts": str(kh)}))
+            g, gp, o = [], [], []
             for _ in range(args.rounds):
                 g.append(timed(lambda: (backend.put(str(data), "gims-copy.bin"),
                                         backend.verify("gims-copy.bin", size, None))))
+                gp.append(timed(proc_run))
                 o.append(timed(lambda: run(sftp_cmd)))
             backend.close()
             rows.append(("SFTP (OpenSSH sshd)", "gims ssh back-end (paramiko put + stat)", g,
                          " ".join(sftp_cmd), o))
+            rows.append(("SFTP (OpenSSH sshd)", "gims-upload --once (whole process, metadata too)",
+                         gp, "(same)", o))
     finally:
         for p in procs:
             if isinstance(p, subprocess.Popen):
