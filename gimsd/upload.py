@@ -358,14 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def refuse(msg: str) -> int:
+    def refuse(msg: str, node: dict | None = None) -> int:
         log.error(msg)
         StatusFile(spool, exp).error(msg, permanent=True)
         if not args.once and not args.test:
             # Under the .path unit an immediate exit would be restarted at once, over and
             # over, until systemd's start limit stops the unit for good. Wait instead; the
             # next start reads the credential again (gimsd may have fixed it meanwhile).
-            stop.wait(DEFAULT_TUNING["permanent_retry_seconds"])
+            wait = DEFAULT_TUNING["permanent_retry_seconds"]
+            try:
+                wait = float((node or {}).get("permanent_retry_seconds", wait))
+            except (TypeError, ValueError):
+                pass
+            stop.wait(wait)
         return EXIT_USAGE
 
     try:
@@ -388,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         params = settings.get("storageparams") or {}
         secrets = [v for k, v in params.items() if k in storage.SECRET_KEYS and isinstance(v, str)]
         log.secrets.extend(secrets)
-        return refuse(storage.redact(f"cannot use storage settings: {e}", secrets))
+        node = settings.get("node") if isinstance(settings.get("node"), dict) else None
+        return refuse(storage.redact(f"cannot use storage settings: {e}", secrets), node)
 
     up.stop = stop
     return up.run()

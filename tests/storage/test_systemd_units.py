@@ -279,7 +279,8 @@ def test_sandbox_isolation_and_no_restart_loop(nsd):
     caps = {ln.split(":")[0]: ln.split()[1] for ln in status.splitlines() if ln.startswith("Cap")}
     assert caps["CapEff"] == "0000000000000000" and caps["CapBnd"] == "0000000000000000", caps
     assert "NoNewPrivs:\t1" in status
-    nsd.run("systemctl", "stop", unit)
+    # the .path unit first, or it starts the service again (old settings) at once
+    nsd.run("systemctl", "stop", "gims-upload@exp-a.path", unit)
 
     # a permanent error under the path unit: the service waits, exits 75, is started again
     (sp_a / "exp-a_LOC_20261127050000.pcap").unlink()
@@ -287,13 +288,19 @@ def test_sandbox_isolation_and_no_restart_loop(nsd):
     st.write_text(json.dumps({"experiment": "exp-a", "storagetype": "local",
                               "storageparams": {"local_storage_dir": "/etc/not-allowed"},
                               "node": dict(node, permanent_retry_seconds=1.5)}))
+    nsd.run("journalctl", "--rotate", check=False)
+    since = nsd.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+    time.sleep(1.1)  # journalctl --since has second resolution
     drop_files(sp_a, "exp-a", 1)
+    nsd.run("systemctl", "start", "gims-upload@exp-a.path")
     time.sleep(8)
-    journal = nsd.run("journalctl", "--no-pager", "-u", unit, "-o", "cat").stdout
+    journal = nsd.run("journalctl", "--no-pager", "-u", unit, "-o", "cat",
+                      "--since", since).stdout
     starts = journal.count("Started gims-upload@exp-a.service")
     assert 2 <= starts <= 7, journal  # one run per ~1.5 s wait, not a burst
     assert "Start request repeated too quickly" not in journal
     assert nsd.run("systemctl", "is-failed", "gims-upload@exp-a.path", check=False) \
         .stdout.strip() != "failed"
     spool_status = json.loads((sp_a / ".gims-upload-status.json").read_text())
-    assert "not under an allowed root" in spool_status["last_upload_error"]
+    assert "not under an allowed root" in spool_status["last_upload_error"], spool_status
+    assert not (nsd.root / "srv/gims/exp-a").exists()  # nothing went anywhere
