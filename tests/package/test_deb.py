@@ -210,11 +210,12 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     node.exec("rm", "-rf", "/var/tmp/out", "/var/tmp/pings.pcap")
 
     # --- Configure the node for the test interface; gimsd re-reads it on restart. ----------
+    # The operator's edit of the shipped conffile: uncomment and set four defaults.
     conf = node.exec("cat", "/etc/gims/gimsd.toml").stdout
-    conf = re.sub(r"(?m)^\s*#?\s*allowed_interfaces\s*=.*$", f'allowed_interfaces = ["{iface}"]',
-                  conf)
-    conf = re.sub(r"(?m)^\s*#?\s*default_device\s*=.*$", f'default_device = "{iface}"', conf)
-    assert f'allowed_interfaces = ["{iface}"]' in conf, conf
+    for key, value in (("allowed_interfaces", f'["{iface}"]'), ("default_device", f'"{iface}"'),
+                       ("stats_interval", "2"), ("rollover_seconds", "10")):
+        conf, n = re.subn(rf"(?m)^\s*#?\s*{key}\s*=.*$", f"{key} = {value}", conf)
+        assert n == 1, f"{key} not found once in the shipped gimsd.toml"
     node.exec("tee", "/etc/gims/gimsd.toml", input=conf)
     node.exec("systemctl", "restart", "gimsd.service")
     wait_for("gimsd answering getState", lambda: _answers(node), 60)
