@@ -132,3 +132,24 @@ def test_sighup_rotates(tmp_path, veth):
     files = data_files(out)
     assert len(files) == 2
     assert sum(metadata(f)["packets_written"] for f in files) >= 80
+
+
+def test_interface_vanishing_is_a_clear_failure_not_a_hang(tmp_path, veth):
+    """Deleting the capture interface mid-run: the process exits non-zero promptly, files intact."""
+    host, ns = veth
+    out = str(tmp_path / "spool")
+    proc = start_capture(out, host)
+    sh("ip", "netns", "exec", ns, "python3", "-c", SENDER, "50")
+    time.sleep(1.2)
+    sh("ip", "link", "del", host)
+    try:
+        rc = proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("capture hung after its interface disappeared")
+    err = proc.stderr.read()
+    assert rc != 0
+    assert host in err or "went down" in err or "No such device" in err, err
+    files = data_files(out)
+    assert files and sum(metadata(f)["packets_written"] for f in files) >= 100
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
