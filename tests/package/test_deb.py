@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "debtest"
+UPGRADE_VERSION = "0.1.0+upgradetest1"
 # Volatile places every apt/systemd run touches; not "left over" by the package.
 VOLATILE = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/var/log", "/var/cache",
             "/var/lib/apt", "/var/lib/dpkg", "/var/lib/systemd", "/var/lib/ucf",
@@ -143,6 +144,18 @@ def snapshot(node: Container) -> tuple[set[str], dict[str, str]]:
     return paths, accounts
 
 
+def repack_with_version(deb: Path, version: str, outdir: Path) -> Path:
+    """The same package under a newer version number: a real dpkg upgrade path."""
+    tree = outdir / "repack"
+    run(["dpkg-deb", "-R", str(deb), str(tree)])
+    control = tree / "DEBIAN/control"
+    control.write_text(re.sub(r"(?m)^Version: .*$", f"Version: {version}", control.read_text()))
+    out = outdir / f"gims_{version}_all.deb"
+    run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)])
+    shutil.rmtree(tree)
+    return out
+
+
 def read_pcap(data: bytes) -> list[bytes]:
     magic = struct.unpack("<I", data[:4])[0]
     assert magic in (0xA1B2C3D4, 0xA1B23C4D), hex(magic)
@@ -244,10 +257,14 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
             node, "getExperimentStats", {"ExperimentId": EXPERIMENT}).get(
                 "packets_observed", 0)) > 50, 60)
 
-        # --- Upgrade mid-experiment: the capture keeps running, gimsd restarts cleanly. ----
+        # --- Upgrade mid-experiment (to a newer version of the same files): the capture
+        # keeps running, untouched; gimsd restarts cleanly and still knows the experiment. ---
         capture_pid = unit_prop(node, capture, "MainPID")
         gimsd_pid = unit_prop(node, "gimsd.service", "MainPID")
-        node.exec("apt-get", "install", "-y", "-q", "--reinstall", *deb_args)
+        newer = repack_with_version(debs["gims"], UPGRADE_VERSION, node.root / "var/tmp")
+        node.exec("apt-get", "install", "-y", "-q", f"/var/tmp/{newer.name}")
+        assert node.exec("dpkg-query", "-W", "-f", "${Version}", "gims").stdout == \
+            UPGRADE_VERSION
         assert unit_prop(node, capture, "MainPID") == capture_pid, "upgrade restarted capture"
         wait_for("gimsd active after upgrade",
                  lambda: unit_prop(node, "gimsd.service", "ActiveState") == "active", 60)
@@ -293,8 +310,26 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     journal = node.exec("journalctl", "--no-pager", "-o", "cat", f"EXPERIMENT={EXPERIMENT}").stdout
     assert journal.strip(), "no journal lines with EXPERIMENT= field"
 
-    # --- Remove: the service is gone, configuration, state and accounts stay. --------------
+    # --- Remove while a second experiment is capturing: remove stops it cleanly (its last
+    # file is finished, with metadata); the service is gone; config, state, accounts stay. ---
+    second = f"{EXPERIMENT}2"
+    xmlrpc(node, "configureExperiment", {
+        "ExperimentId": second, "CaptureSpec": {"filterexpr": "icmp", "device": iface},
+        "StorageSpec": {"storagetype": "local",
+                        "storageparams": {"local_storage_dir": f"/srv/gims/{second}"}}})
+    xmlrpc(node, "startExperiment", {"ExperimentId": second})
+    wait_for(f"capture@{second} active",
+             lambda: unit_prop(node, f"capture@{second}.service", "ActiveState") == "active", 60)
+    run(["ip", "netns", "exec", netns, "ping", "-q", "-i", "0.05", "-c", "40", "-W", "1",
+         "192.0.2.1"])
     node.exec("apt-get", "remove", "-y", "-q", "gims", "python3-pcapy-ng")
+    assert unit_prop(node, f"capture@{second}.service", "ActiveState") == "inactive"
+    assert node.exec("journalctl", "--no-pager", "-o", "cat", "-u",
+                     f"capture@{second}.service").stdout.count("wrote ") >= 1
+    leftover = node.sh(f"cd /var/spool/gims/{second} && ls -A; cd /srv/gims && "
+                       f"find . -path './{second}*' -type f", check=False).stdout.split()
+    data = [n for n in leftover if n.endswith(".pcap")]
+    assert data and all(n + ".meta.json" in leftover for n in data), leftover
     assert node.exec("systemctl", "cat", "gimsd.service", check=False).returncode != 0
     assert unit_prop(node, "gimsd.service", "ActiveState") == "inactive"
     assert node.exec("test", "-f", "/etc/gims/gimsd.toml", check=False).returncode == 0
@@ -310,8 +345,12 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
             p.startswith("/srv/gims/")}
     assert after_paths - before_paths - kept == set(), "left after purge"
     assert before_paths - after_paths == set(), "purge deleted something it did not make"
-    assert {p for p in kept if Path(p).suffix in (".pcap", ".json")} == \
-        set(pcaps) | set(metas), kept  # only the delivered data files and their metadata
+    assert len(before_paths) > 5000  # the snapshot did see the root
+    # Kept: only /srv/gims with the data files (and metadata) delivered there.
+    kept_files = {p for p in kept if node.exec("test", "-f", p, check=False).returncode == 0}
+    assert set(pcaps) | set(metas) <= kept_files, kept
+    assert all(re.fullmatch(rf"/srv/gims/{EXPERIMENT}2?/.*{EXPERIMENT}2?_DEB_\d{{14}}(_\d+)?"
+                            r"\.pcap(\.meta\.json)?", p) for p in kept_files), kept_files
     units = node.sh("systemctl list-units --all --plain --no-legend "
                     "'gims*' 'capture@*'; systemctl list-unit-files --no-legend "
                     "'gims*' 'capture@*'", check=False).stdout.strip()
