@@ -349,8 +349,10 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     # Kept: only /srv/gims with the data files (and metadata) delivered there.
     kept_files = {p for p in kept if node.exec("test", "-f", p, check=False).returncode == 0}
     assert set(pcaps) | set(metas) <= kept_files, kept
-    assert all(re.fullmatch(rf"/srv/gims/{EXPERIMENT}2?/.*{EXPERIMENT}2?_DEB_\d{{14}}(_\d+)?"
-                            r"\.pcap(\.meta\.json)?", p) for p in kept_files), kept_files
+    strays = sorted(p for p in kept_files if not re.fullmatch(
+        rf"/srv/gims/{EXPERIMENT}2?/(.*/)?{EXPERIMENT}2?_DEB_\d{{14}}(_\d+)?"
+        r"\.pcap(\.meta\.json)?", p))
+    assert not strays, f"left in /srv/gims besides delivered data: {strays}"
     units = node.sh("systemctl list-units --all --plain --no-legend "
                     "'gims*' 'capture@*'; systemctl list-unit-files --no-legend "
                     "'gims*' 'capture@*'", check=False).stdout.strip()
