@@ -314,7 +314,8 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     # file is finished, with metadata); the service is gone; config, state, accounts stay. ---
     second = f"{EXPERIMENT}2"
     xmlrpc(node, "configureExperiment", {
-        "ExperimentId": second, "SiteLocation": "deb", "CaptureSpec": {"filterexpr": "icmp", "device": iface},
+        "ExperimentId": second, "SiteLocation": "deb",
+        "CaptureSpec": {"filterexpr": "icmp", "device": iface},
         "StorageSpec": {"storagetype": "local",
                         "storageparams": {"local_storage_dir": f"/srv/gims/{second}"}}})
     xmlrpc(node, "startExperiment", {"ExperimentId": second})
