@@ -115,20 +115,22 @@ class Spool:
         return name
 
     def open(self, start_time: float) -> OpenFile:
-        name = self._final_name(start_time)
-        tmp = os.path.join(self.directory, f".{name}.tmp")
-        try:
-            return OpenFile(name, tmp, start_time)
-        except OSError as exc:
-            raise _classify(exc) from None
+        while True:
+            name = self._final_name(start_time)
+            tmp = os.path.join(self.directory, f".{name}.tmp")
+            try:
+                return OpenFile(name, tmp, start_time)
+            except FileExistsError:
+                continue  # another writer took this name between our check and the create
+            except OSError as exc:
+                raise _classify(exc) from None
 
     def commit(self, of: OpenFile, metadata: dict) -> str:
         """fsync + rename the data file, then write its metadata record; returns the path."""
         try:
             of.file.finish()
-            final = os.path.join(self.directory, of.name)
-            metadata.update(size=of.file.size, sha256=of.file.sha256.hexdigest())
-            os.replace(of.file.path, final)
+            final = self._place(of)
+            metadata.update(data_file=of.name, size=of.file.size, sha256=of.file.sha256.hexdigest())
             write_json_atomic(final + ".meta.json", metadata)
             fsync_dir(self.directory)
         except OSError as exc:
@@ -136,6 +138,22 @@ class Spool:
             raise _classify(exc) from None
         self.files_written += 1
         return final
+
+    def _place(self, of: OpenFile) -> str:
+        """Give the finished temp file its final name without ever replacing a file.
+
+        link() fails when the name exists (another writer in this spool took it: e.g. a
+        fan-out sibling in the same second), and then the next free name is used.
+        """
+        while True:
+            final = os.path.join(self.directory, of.name)
+            try:
+                os.link(of.file.path, final)
+            except FileExistsError:
+                of.name = self._final_name(of.start_time)
+                continue
+            os.unlink(of.file.path)
+            return final
 
     def write_status(self, status: dict) -> None:
         try:
