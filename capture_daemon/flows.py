@@ -110,6 +110,7 @@ class FlowMeter:
         self._index: dict[bytes, int] = {}
         self._slot_key: list[bytes | None] = [None] * 1024
         self._next_scan = None
+        self._now = None                  # latest packet time seen (us)
         self._out: list[np.ndarray] = []
 
     # ---- public --------------------------------------------------------------------
@@ -143,6 +144,9 @@ class FlowMeter:
         fl = np.where(proto == PROTO_TCP, fl, 0).astype(np.uint8)
         tos = np.asarray(h.tos, dtype=np.uint8)[idx]
         self.stats.packets += len(idx)
+        tmax = int(t.max())
+        if self._now is None or tmax > self._now:
+            self._now = tmax
         self.stats.octets += int(ln.sum())
         order, gstart = self._group(keys)
         self._merge(keys[order], t[order], ln[order], fl[order], tos[order],
@@ -152,24 +156,28 @@ class FlowMeter:
     def advance(self, now_us: int) -> None:
         """Packet time moved on: expire idle, ended and too-long flows."""
         now_us = int(now_us)
+        if self._now is None or now_us > self._now:
+            self._now = now_us
         if self._next_scan is not None and now_us < self._next_scan:
             return
         self._next_scan = now_us + self.scan_us
         if not self._index:
             return
+        slots = np.flatnonzero(self._used)
         tb = self._table
-        used = self._used
-        quiet = now_us - tb["end_us"]
-        ended = used & tb["fin"] & (quiet > self.end_us)
-        idle = used & ~ended & (quiet > self.idle_us)
-        active = used & ~ended & ~idle & (now_us - tb["start_us"] >= self.active_us)
-        for mask, reason in ((ended, END_DETECTED), (idle, END_IDLE), (active, END_ACTIVE)):
-            slots = np.flatnonzero(mask)
-            if len(slots):
-                self._expire_slots(slots, reason)
+        r = self._reasons(tb["fin"][slots], tb["end_us"][slots], tb["start_us"][slots], now_us)
+        for reason in (END_DETECTED, END_IDLE, END_ACTIVE):
+            m = r == reason
+            if m.any():
+                self._expire_slots(slots[m], reason)
 
     def flush(self) -> None:
-        """End of input / SIGTERM: every flow out (FIN/RST seen: 3, others: 4 forced end)."""
+        """End of input / SIGTERM: every flow out (FIN/RST seen: 3, others: 4 forced end).
+        First the flows whose timeout has passed by the latest packet time leave with that
+        reason, whatever the scan throttle skipped."""
+        if self._now is not None:
+            self._next_scan = None
+            self.advance(self._now)
         slots = np.flatnonzero(self._used)
         if len(slots) == 0:
             return
@@ -178,6 +186,20 @@ class FlowMeter:
             self._expire_slots(slots[fin], END_DETECTED)
         if (~fin).any():
             self._expire_slots(slots[~fin], END_FORCED)
+
+    def _reasons(self, fin, last, start, now):
+        """Why a flow ends by time `now` (0: it does not).  Of the deadlines passed, the earliest
+        one gives the reason, so the answer does not depend on when the check happens to run
+        (per batch, per scan, or at the next packet of the flow)."""
+        big = np.int64(2**62)
+        d_end = np.where(fin, last + (self.end_us + 1), big)
+        d_idle = last + (self.idle_us + 1)
+        d_act = start + self.active_us
+        first = np.minimum(np.minimum(d_end, d_idle), d_act)
+        r = np.where(d_act == first, END_ACTIVE, 0)
+        r = np.where(d_idle == first, END_IDLE, r)
+        r = np.where(d_end == first, END_DETECTED, r)
+        return np.where(now >= first, r, 0).astype(np.uint8)
 
     # ---- keys and grouping ---------------------------------------------------------------
     def _keys(self, h, idx):
@@ -267,12 +289,7 @@ class FlowMeter:
         prior_rev = np.zeros(G, dtype=bool)
         if has.any():
             hs = slots[has]
-            gap0 = t_first[has] - tb["end_us"][hs]
-            pfin = tb["fin"][hs]
-            r = np.zeros(len(hs), dtype=np.uint8)
-            r[(t_first[has] - tb["start_us"][hs]) >= self.active_us] = END_ACTIVE
-            r[gap0 > self.idle_us] = END_IDLE
-            r[pfin & (gap0 > self.end_us)] = END_DETECTED
+            r = self._reasons(tb["fin"][hs], tb["end_us"][hs], tb["start_us"][hs], t_first[has])
             gone = r > 0
             if gone.any():
                 for reason in (END_ACTIVE, END_IDLE, END_DETECTED):
@@ -330,10 +347,10 @@ class FlowMeter:
         inner = np.flatnonzero(~last_seg)
         if len(inner):
             b = nxt[inner]
-            r = np.full(len(inner), END_ACTIVE, dtype=np.uint8)
-            r[gap[b] > self.idle_us] = END_IDLE
-            r[(fin_before[b] > 0) & (gap[b] > self.end_us)] = END_DETECTED
-            seg_reason[inner] = r
+            # FIN/RST packets in the segment that ends just before b
+            fin_prev = before[b] - base[sid[b] - 1]
+            r = self._reasons(fin_prev > 0, t[b - 1], s_t0[inner], t[b])
+            seg_reason[inner] = np.where(r == 0, END_ACTIVE, r)
 
         # --- per-segment aggregates
         cnt = np.diff(np.append(sstart, n)).astype(np.uint64)
