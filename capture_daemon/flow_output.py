@@ -51,7 +51,7 @@ class FlowOutput:
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
                  max_flows: int = 1_000_000, sampling: dict | None = None,
                  export_url: str | None = None, observation_domain: int = 1,
-                 biflow: bool = False, tcp_end_timeout: float = 5.0):
+                 biflow: bool = False, tcp_end_timeout: float = 30.0):
         self.sampling = _check_sampling(sampling)
         self.domain = int(observation_domain) & 0xFFFFFFFF
         self.biflow = bool(biflow)
@@ -132,6 +132,9 @@ class FlowOutput:
             "sampling": self._sampling_meta(),
         }
         if self.exporter is not None:
+            if final:
+                # give the collector a moment so the metadata tells what it got
+                self.exporter.drain(timeout=5.0)
             extras["export"] = self.exporter.snapshot()
         return {"flows": extras}
 

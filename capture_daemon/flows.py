@@ -91,7 +91,7 @@ class MeterStats:
 
 class FlowMeter:
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
-                 tcp_end_timeout: float = 5.0, max_flows: int = 1_000_000,
+                 tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
                  biflow: bool = False, scan_interval: float = 1.0):
         if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
             raise ValueError("flow timeouts must be positive")

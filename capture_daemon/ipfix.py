@@ -291,6 +291,7 @@ class Exporter:
         self._lock = threading.Lock()
         self._backlog: collections.deque = collections.deque()
         self._backlog_n = 0
+        self._busy = False
         self._sock = None
         self._session = None
         self._next_try = 0.0
@@ -317,6 +318,15 @@ class Exporter:
         d["url"] = self.url
         return d
 
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait (at most timeout seconds) until everything submitted was sent or given up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._q.unfinished_tasks == 0 and not self._busy:
+                return True
+            time.sleep(0.01)
+        return False
+
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for up to timeout seconds), then stop."""
         if not self._thread.is_alive():
@@ -336,13 +346,18 @@ class Exporter:
             if item is not None and item[0] is None:
                 deadline = time.monotonic() + item[1]
                 self._drain_backlog(deadline)
+                self._q.task_done()
                 break
             if item is not None:
                 sets, et = item
                 self._backlog.append((sets, et))
                 self._backlog_n += sum(s.count for s in sets)
                 self._trim_backlog()
+            self._busy = bool(self._backlog)
             self._drain_backlog(None)
+            self._busy = bool(self._backlog) and self._sock is not None
+            if item is not None:
+                self._q.task_done()
         # anything left could not be sent
         with self._lock:
             self.stats.records_dropped += self._backlog_n
@@ -415,59 +430,64 @@ class Exporter:
             self.stats.last_error = f"{type(e).__name__}: {e}"
 
     def _send(self, sets, export_time) -> bool:
-        """Send one submission; False when it must be retried later (TCP down)."""
+        """Send one submission, a message at a time; False when the rest must wait (TCP down)."""
         udp = self.scheme == "udp"
         size = UDP_MESSAGE if udp else MAX_MESSAGE
-        now = time.monotonic()
-        prefix = b""
-        extra = []
-        if (now - self._last_tmpl >= self.template_refresh
-                or (udp and self._since_tmpl >= self.refresh_messages)):
-            prefix = self.templates
-            if self.sampling is not None:
-                extra = [sampling_record(self.domain, self.sampling)]
-            self._last_tmpl = now
-            self._since_tmpl = 0
-            with self._lock:
-                self.stats.template_sends += 1
-        msgs = list(self._session.messages(extra + list(sets), export_time, size, prefix))
-        for i, (msg, n) in enumerate(msgs):
+        remaining = list(sets)
+        while remaining:
+            now = time.monotonic()
+            prefix = b""
+            extra = []
+            if (now - self._last_tmpl >= self.template_refresh
+                    or (udp and self._since_tmpl >= self.refresh_messages)):
+                prefix = self.templates
+                if self.sampling is not None:
+                    extra = [sampling_record(self.domain, self.sampling)]
+                self._last_tmpl = now
+                self._since_tmpl = 0
+                with self._lock:
+                    self.stats.template_sends += 1
+            gen = self._session.messages(extra + remaining, export_time, size, prefix)
+            msg, n = next(gen)
+            gen.close()
+            n_flows = n - len(extra)          # the options record always fits the first message
             try:
-                self._sock.send(msg) if udp else self._sock.sendall(msg)
+                if udp:
+                    self._sock.send(msg)
+                else:
+                    self._sock.sendall(msg)
             except OSError as e:
                 self._note_error(e)
-                lost = sum(k for _m, k in msgs[i:]) - (1 if extra and i == 0 else 0)
+                self._last_tmpl = -1e18       # templates again with the next message
                 if udp:
-                    # a refused datagram (collector down) is lost; keep sending later ones
+                    # a refused datagram (collector down) is lost; later ones are tried
                     with self._lock:
-                        self.stats.records_dropped += max(lost, 0)
-                    self._last_tmpl = -1e18      # templates again with the next message
-                    return True
+                        self.stats.records_dropped += n_flows
+                    remaining = self._skip(remaining, n_flows)
+                    continue
+                # TCP: this message is sent again, whole, on the next connection
                 self._disconnect()
                 self._next_try = time.monotonic() + self._backoff
                 self._backoff = min(self._backoff * 2, self.max_backoff)
-                # a TCP stream cut mid-message: the whole submission is sent again after reconnect,
-                # except the messages the collector already received whole
-                self._backlog[0] = (self._remaining(sets, msgs, i, bool(extra)), export_time)
+                self._backlog[0] = (remaining, export_time)
                 return False
             self._since_tmpl += 1
             with self._lock:
                 self.stats.messages_sent += 1
-                self.stats.records_sent += n
+                self.stats.records_sent += n_flows
+            remaining = self._skip(remaining, n_flows)
         return True
 
     @staticmethod
-    def _remaining(sets, msgs, failed_index, had_extra):
-        """The records of sets not yet sent whole before message failed_index."""
-        sent = sum(n for _m, n in msgs[:failed_index]) - (1 if had_extra and failed_index > 0 else 0)
+    def _skip(sets, n):
+        """sets without their first n records."""
         out = []
         for s in sets:
-            if sent >= s.count:
-                sent -= s.count
+            if n >= s.count:
+                n -= s.count
                 continue
-            skip = max(sent, 0)
-            out.append(EncodedRecords(s.tid, s.size, s.data[skip * s.size:], s.count - skip))
-            sent = 0
+            out.append(EncodedRecords(s.tid, s.size, s.data[n * s.size:], s.count - n) if n else s)
+            n = 0
         return out
 
 

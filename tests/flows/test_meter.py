@@ -86,7 +86,7 @@ def test_active_timeout():
 def test_fin_or_rst_ends_flow_after_grace(flag):
     pk = [dict(t=0, src=A, dst=B, flags=0x02), dict(t=1, src=A, dst=B, flags=flag | 0x10),
           dict(t=1.2, src=A, dst=B, flags=0x10),        # last ACK of the close: same flow
-          dict(t=20, src=A, dst=B, flags=0x02)]         # port reuse after the grace: new flow
+          dict(t=40, src=A, dst=B, flags=0x02)]         # port reuse after the grace: new flow
     for bs in (None, 1, 2):
         _, r = run(pk, batch_size=bs)
         assert r["packets"].tolist() == [3, 1]
@@ -100,9 +100,9 @@ def test_fin_flow_flushed_says_end_detected():
 
 
 def test_fin_expiry_by_advance():
-    m, r = run([dict(t=0, src=A, dst=B, flags=0x11)], advance_to=4.0, flush=False)
+    m, r = run([dict(t=0, src=A, dst=B, flags=0x11)], advance_to=29.0, flush=False)
     assert len(r) == 0
-    m.advance(6_000_000)
+    m.advance(32_000_000)
     assert m.take_records()["reason"].tolist() == [END_DETECTED]
 
 
