@@ -89,6 +89,9 @@ class FlowOutput:
             f.write(msg)
             self._file["messages"] += 1
 
+    def observe(self, times, wirelen) -> None:
+        """Every observed packet, before sampling: flows only meter what was kept."""
+
     def add(self, batch, headers, keep: np.ndarray) -> None:
         ts = np.asarray(batch.ts_sec, dtype=np.int64) * 1_000_000 + np.asarray(batch.ts_usec,
                                                                                  dtype=np.int64)
@@ -98,6 +101,9 @@ class FlowOutput:
         latest = int(ts.max())
         if self._now_us is None or latest > self._now_us:
             self._now_us = latest
+        # packet time moved on with this batch: expire what timed out (the pipeline calls
+        # advance() only when no packets come)
+        self.meter.advance(self._now_us)
         self._collect(force=False)
 
     def advance(self, now: float) -> None:
