@@ -37,6 +37,7 @@ Expiry (RFC 5102 flowEndReason):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,7 +283,7 @@ class FlowMeter:
         gkeys = np.ascontiguousarray(ks[gstart])
         kb = gkeys.view("V40").ravel().tolist()
         get = self._index.get
-        slots = np.fromiter((get(b, -1) for b in kb), dtype=np.int64, count=G)
+        slots = np.array(list(map(get, kb, itertools.repeat(-1, G))), dtype=np.int64)
         has = slots >= 0
         tb = self._table
         t_first = t[gstart]
@@ -311,34 +312,59 @@ class FlowMeter:
         gfirst[gstart] = True
         bounds = gfirst | (gap > self.idle_us)
         isfin = (fl & (TCP_FIN | TCP_RST)) != 0
-        fincum = np.cumsum(isfin, dtype=np.int64)
-        prior_start = np.where(has, tb["start_us"][np.maximum(slots, 0)], 0)
-        prior_fin = has & tb["fin"][np.maximum(slots, 0)]
-        while True:
+        safe = np.maximum(slots, 0)
+        prior_start = np.where(has, tb["start_us"][safe], 0)
+        prior_fin = has & tb["fin"][safe]
+        possible_fin = bool(isfin.any() or prior_fin.any())
+        if possible_fin:
+            # FIN/RST packets strictly before each packet (in the sorted order)
+            before = np.zeros(n, dtype=np.int64)
+            np.cumsum(isfin[:-1], out=before[1:])
+        else:
+            before = None
+        # Packets where an active-timeout or end-after-FIN split could happen.  Usually none:
+        # a batch rarely spans active_timeout, and most batches carry few FIN/RST.
+        t_min = int(t.min())
+        if has.any():
+            t_min = min(t_min, int(prior_start[has].min()))
+        cand_mask = t >= t_min + self.active_us
+        if possible_fin:
+            cand_mask |= gap > self.end_us
+        cand_mask &= ~bounds
+        cand = np.flatnonzero(cand_mask)
+
+        def seg_state(seg_first):
+            """start time and FIN count carried in, for segments starting at seg_first."""
+            t0 = t[seg_first].copy()
+            fin0 = np.zeros(len(seg_first), dtype=np.int64)
+            pr = gfirst[seg_first] & has[gid[seg_first]]
+            if pr.any():
+                g = gid[seg_first[pr]]
+                t0[pr] = prior_start[g]
+                fin0[pr] = prior_fin[g]
+            return t0, fin0, pr
+
+        while len(cand):
             sstart = np.flatnonzero(bounds)
-            sid = np.cumsum(bounds) - 1
-            s_t0 = t[sstart].copy()
-            s_fin0 = np.zeros(len(sstart), dtype=np.int64)
-            first_seg_of_prior = gfirst[sstart] & has[gid[sstart]]
-            if first_seg_of_prior.any():
-                g = gid[sstart[first_seg_of_prior]]
-                s_t0[first_seg_of_prior] = prior_start[g]
-                s_fin0[first_seg_of_prior] = prior_fin[g]
-            # FIN/RST packets strictly before this one within its segment
-            before = np.empty(n, dtype=np.int64)
-            before[0] = 0
-            before[1:] = fincum[:-1]
-            base = before[sstart] - s_fin0
-            fin_before = before - base[sid]
-            cond = ~bounds & ((t - s_t0[sid] >= self.active_us)
-                              | ((fin_before > 0) & (gap > self.end_us)))
+            seg_first = sstart[np.searchsorted(sstart, cand, side="right") - 1]
+            t0, fin0, _ = seg_state(seg_first)
+            cond = t[cand] - t0 >= self.active_us
+            if possible_fin:
+                fin_before = before[cand] - before[seg_first] + fin0
+                cond |= (fin_before > 0) & (gap[cand] > self.end_us)
             c = np.flatnonzero(cond)
             if len(c) == 0:
                 break
-            cs = sid[c]
+            # only the first split of each segment: later ones depend on where it falls
+            cs = seg_first[c]
             keep = np.ones(len(c), dtype=bool)
             keep[1:] = cs[1:] != cs[:-1]
-            bounds[c[keep]] = True
+            picked = cand[c[keep]]
+            bounds[picked] = True
+            cand = cand[~np.isin(cand, picked)]
+        sstart = np.flatnonzero(bounds)
+        sid = np.cumsum(bounds) - 1
+        s_t0, s_fin0, first_seg_of_prior = seg_state(sstart)
         S = len(sstart)
         # reason a segment ended, if another segment of its group follows it
         nxt = np.append(sstart[1:], n)
@@ -347,8 +373,11 @@ class FlowMeter:
         inner = np.flatnonzero(~last_seg)
         if len(inner):
             b = nxt[inner]
-            # FIN/RST packets in the segment that ends just before b
-            fin_prev = before[b] - base[sid[b] - 1]
+            if possible_fin:
+                # FIN/RST packets in the segment that ends just before b
+                fin_prev = before[b] - before[sstart[inner]] + s_fin0[inner]
+            else:
+                fin_prev = np.zeros(len(inner), dtype=np.int64)
             r = self._reasons(fin_prev > 0, t[b - 1], s_t0[inner], t[b])
             seg_reason[inner] = np.where(r == 0, END_ACTIVE, r)
 
