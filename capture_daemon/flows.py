@@ -149,8 +149,8 @@ class FlowMeter:
         if self._now is None or tmax > self._now:
             self._now = tmax
         self.stats.octets += int(ln.sum())
-        order, gstart = self._group(keys)
-        self._merge(keys[order], t[order], ln[order], fl[order], tos[order],
+        order, gstart, gkeys = self._group(keys)
+        self._merge(gkeys, t[order], ln[order], fl[order], tos[order],
                     rev[order] if rev is not None else None, gstart)
         self._enforce_bound()
 
@@ -242,11 +242,11 @@ class FlowMeter:
         return k, rev
 
     def _group(self, k):
-        """Order packets grouped by key, arrival order inside a group; return (order, gstart)."""
+        """Order packets grouped by key, arrival order inside a group.
+        Returns (order, start of each group in that order, each group's key)."""
         n = len(k)
         if n >= (1 << _IDX_BITS):
-            order = np.lexsort((np.arange(n), k[:, 4], k[:, 3], k[:, 2], k[:, 1], k[:, 0]))
-            return order, self._starts(k[order])
+            return self._exact_group(k)
         h = (k[:, 0] * _HASH_C[0] ^ k[:, 1] * _HASH_C[1] ^ k[:, 2] * _HASH_C[2]
              ^ k[:, 3] * _HASH_C[3] ^ k[:, 4] * _HASH_C[4])
         h ^= h >> _U64(31)
@@ -261,26 +261,29 @@ class FlowMeter:
         np.not_equal(hs[1:], hs[:-1], out=brk[1:])
         gstart = np.flatnonzero(brk)
         ks = k[order]
-        gid = np.cumsum(brk) - 1
-        if not (ks == ks[gstart][gid]).all():
+        # inside a group every key must equal its predecessor's, or two keys share a hash
+        differs = (ks[1:] != ks[:-1]).any(axis=1)
+        if (differs & ~brk[1:]).any():
             # two keys share a 44-bit hash in this batch: group exactly instead
             self.stats.hash_fallbacks += 1
-            order = np.lexsort((np.arange(n), k[:, 4], k[:, 3], k[:, 2], k[:, 1], k[:, 0]))
-            return order, self._starts(k[order])
-        return order, gstart
+            return self._exact_group(k)
+        return order, gstart, np.ascontiguousarray(ks[gstart])
 
     @staticmethod
-    def _starts(ks):
-        brk = np.empty(len(ks), dtype=bool)
+    def _exact_group(k):
+        n = len(k)
+        order = np.lexsort((np.arange(n), k[:, 4], k[:, 3], k[:, 2], k[:, 1], k[:, 0]))
+        ks = k[order]
+        brk = np.empty(n, dtype=bool)
         brk[0] = True
         np.any(ks[1:] != ks[:-1], axis=1, out=brk[1:])
-        return np.flatnonzero(brk)
+        gstart = np.flatnonzero(brk)
+        return order, gstart, np.ascontiguousarray(ks[gstart])
 
     # ---- merging a batch ---------------------------------------------------------------
-    def _merge(self, ks, t, ln, fl, tos, rev, gstart):
+    def _merge(self, gkeys, t, ln, fl, tos, rev, gstart):
         n = len(t)
         G = len(gstart)
-        gkeys = np.ascontiguousarray(ks[gstart])
         kb = gkeys.view("V40").ravel().tolist()
         get = self._index.get
         slots = np.array(list(map(get, kb, itertools.repeat(-1, G))), dtype=np.int64)
