@@ -415,7 +415,8 @@ class FlowMeter:
                 okp = pos < len(fi)
                 okp[okp] &= sid[fi[pos[okp]]] == np.arange(S)[okp]
                 seg["tos"][okp] = tos[fi[pos[okp]]]
-        seg["fin"] = (np.bitwise_or.reduceat(isfin.astype(np.uint8), sstart) > 0)
+        # flags are zero for non-TCP packets, so FIN/RST seen is in the OR of the flags
+        seg["fin"] = ((seg["flags"] | seg["rflags"]) & (TCP_FIN | TCP_RST)) != 0
 
         # --- merge the first segment of groups that continue a flow in the table
         if first_seg_of_prior.any():
@@ -424,10 +425,12 @@ class FlowMeter:
             src = seg[fs]
             tb["end_us"][sl] = np.maximum(tb["end_us"][sl], src["end_us"])
             tb["start_us"][sl] = np.minimum(tb["start_us"][sl], src["start_us"])
-            for f in ("packets", "octets", "rpackets", "roctets"):
+            for f in (("packets", "octets", "rpackets", "roctets") if rev is not None
+                      else ("packets", "octets")):
                 tb[f][sl] += src[f]
             tb["flags"][sl] |= src["flags"]
-            tb["rflags"][sl] |= src["rflags"]
+            if rev is not None:
+                tb["rflags"][sl] |= src["rflags"]
             tb["fin"][sl] |= src["fin"]
             # a continued segment that ends inside the batch: the table flow ends now
             done = ~last_seg[fs]
