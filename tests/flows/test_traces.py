@@ -138,3 +138,52 @@ def test_flow_count_agrees_with_softflowd(trace, tmp_path, generated):
         assert their_pk < our_pk, (their_pk, our_pk)
         pytest.skip(f"softflowd parsed {their_pk} of {our_pk} IP packets (QinQ): counts not comparable")
     assert abs(ours - theirs) <= max(2, 0.05 * theirs), (ours, theirs)
+
+
+def _tshark_addr_pairs(pcap_files):
+    pairs = set()
+    for f in pcap_files:
+        p = subprocess.run(["tshark", "-r", f, "-T", "fields", "-E", "occurrence=f",
+                            "-e", "ip.src", "-e", "ip.dst", "-e", "ipv6.src", "-e", "ipv6.dst"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        for line in p.stdout.splitlines():
+            a, b, c, d = (line.split("\t") + [""] * 4)[:4]
+            if a:
+                pairs.add((a, b))
+            elif c:
+                pairs.add((c, d))
+    return pairs
+
+
+def _ipfix_addr_pairs(files):
+    import ipaddress
+    from capture_daemon import ipfix
+    pairs = set()
+    for f in files:
+        recs = ipfix.decode_data(open(f, "rb").read())
+        for r in recs.get(ipfix.TID_V4, []):
+            pairs.add((str(ipaddress.IPv4Address(int(r["sourceIPv4Address"]))),
+                       str(ipaddress.IPv4Address(int(r["destinationIPv4Address"])))))
+        for r in recs.get(ipfix.TID_V6, []):
+            pairs.add((str(ipaddress.IPv6Address(bytes(r["sourceIPv6Address"]))),
+                       str(ipaddress.IPv6Address(bytes(r["destinationIPv6Address"])))))
+    return pairs
+
+
+@pytest.mark.parametrize("trace", [t for t in TRACES if "ipv6.pcap" in t or "ssh" in t
+                                   or "icmp_dot1q" in t], ids=os.path.basename)
+def test_anonymized_flows_carry_the_anonymized_pcap_addresses(trace, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("ab" * 32)
+    pcaps_dir, flows_dir = tmp_path / "pcap", tmp_path / "flows"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "capture_daemon.cli", "--read", trace,
+                        "--output-dir", str(pcaps_dir), "--anon-key-file", str(key)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    files, _ = run_cli(trace, flows_dir, "--anon-key-file", str(key))
+    anon_pcap = _tshark_addr_pairs(sorted(glob.glob(str(pcaps_dir / "*.pcap"))))
+    flows = _ipfix_addr_pairs(files)
+    assert flows and flows == anon_pcap
+    assert flows.isdisjoint(_tshark_addr_pairs([trace]))   # and not the original ones
