@@ -86,8 +86,8 @@ def run_yaf(yaf, pcap, work):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--packets", type=int, default=1_000_000)
-    ap.add_argument("--flows", type=int, default=20_000)
+    ap.add_argument("--packets", type=int, default=5_000_000)
+    ap.add_argument("--flows", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pcap")
     ap.add_argument("--yaf", default=shutil.which("yaf"))

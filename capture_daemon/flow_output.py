@@ -166,6 +166,7 @@ class FlowOutput:
                        "non_ip_packets": st.non_ip, "records": st.records},
             "sampling": self._sampling_meta(),
         }
+        self._f = None          # closed by the spool; records wait for the next file
         if self.exporter is not None:
             if final:
                 # give the collector a moment so the metadata tells what it got

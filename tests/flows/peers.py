@@ -62,7 +62,7 @@ def softflowd_cmd(pcap, port, ctl, pidfile, idle=300, active=1800, tcp_end=30):
             "-T", "vlan", "-m", "2000000", "-c", ctl, "-p", pidfile,
             "-t", f"general={idle}", "-t", f"tcp={idle}", "-t", f"udp={idle}",
             "-t", f"icmp={idle}", "-t", f"maxlife={active}", "-t", f"tcp.fin={tcp_end}",
-            "-t", f"tcp.rst={tcp_end}", "-t", "expint=1"]
+            "-t", f"tcp.rst={tcp_end}"]
 
 
 def run_softflowd(pcap, port, workdir, timeout=600, **timeouts):
