@@ -68,6 +68,41 @@ _IDX_BITS = 20          # packet index bits under the hash in the sort key
 _U64 = np.uint64
 
 
+class _Columns:
+    """Flow records as one contiguous array per field (fancy-indexed updates of a few fields
+    touch only those fields' memory, not whole 80-byte records).  col["name"] is a field;
+    col[index] gathers RECORD_DTYPE records; col[index] = records scatters them."""
+
+    def __init__(self, n):
+        self.c = {f: np.zeros(n, dtype=RECORD_DTYPE[f]) for f in RECORD_DTYPE.names}
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.c[key]
+        first = self.c["start_us"][key]
+        rec = np.zeros(len(first), dtype=RECORD_DTYPE)
+        for f, col in self.c.items():
+            rec[f] = col[key]
+        return rec
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str):
+            self.c[key][...] = value
+            return
+        for f, col in self.c.items():
+            col[key] = value[f]
+
+    def grown(self, n):
+        out = _Columns(n)
+        for f, col in self.c.items():
+            out.c[f][:self.n] = col
+        return out
+
+
 def key_fields(rec: np.ndarray) -> dict:
     """Decode the packed key columns of records into export fields (vectorized)."""
     misc = rec["misc"]
@@ -105,7 +140,7 @@ class FlowMeter:
         self.biflow = bool(biflow)
         self.scan_us = int(round(scan_interval * 1e6))
         self.stats = MeterStats()
-        self._table = np.zeros(1024, dtype=RECORD_DTYPE)
+        self._table = _Columns(1024)
         self._used = np.zeros(1024, dtype=bool)
         self._free: list[int] = list(range(1023, -1, -1))
         self._index: dict[bytes, int] = {}
@@ -386,7 +421,7 @@ class FlowMeter:
 
         # --- per-segment aggregates
         cnt = np.diff(np.append(sstart, n)).astype(np.uint64)
-        seg = np.zeros(S, dtype=RECORD_DTYPE)
+        seg = _Columns(S)
         seg["start_us"] = np.minimum.reduceat(t, sstart)
         seg["end_us"] = np.maximum.reduceat(t, sstart)
         sg = gid[sstart]
@@ -422,7 +457,8 @@ class FlowMeter:
         if first_seg_of_prior.any():
             fs = np.flatnonzero(first_seg_of_prior)
             sl = slots[sg[fs]]
-            src = seg[fs]
+            src = {f: seg[f][fs] for f in ("end_us", "start_us", "packets", "octets", "flags",
+                                            "fin", "rpackets", "roctets", "rflags")}
             tb["end_us"][sl] = np.maximum(tb["end_us"][sl], src["end_us"])
             tb["start_us"][sl] = np.minimum(tb["start_us"][sl], src["start_us"])
             for f in (("packets", "octets", "rpackets", "roctets") if rev is not None
@@ -473,9 +509,7 @@ class FlowMeter:
     def _grow(self, need):
         old = len(self._table)
         new = max(old * 2, old + need)
-        tb = np.zeros(new, dtype=RECORD_DTYPE)
-        tb[:old] = self._table
-        self._table = tb
+        self._table = self._table.grown(new)
         used = np.zeros(new, dtype=bool)
         used[:old] = self._used
         self._used = used
