@@ -19,12 +19,12 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from capture_daemon.flows import RECORD_DTYPE, key_fields
+from capture_daemon.flows import key_fields
 
 IPFIX_VERSION = 10
 REVERSE_PEN = 29305           # RFC 5103

@@ -9,7 +9,6 @@ flow and exits ("Shutting down after pcap EOF").  So: ask `softflowctl statistic
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time

@@ -3,7 +3,6 @@ nfcapd/nfdump; plus our own decoder for exact field checks."""
 from __future__ import annotations
 
 import io
-import os
 import socket
 import struct
 import threading
