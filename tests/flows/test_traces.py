@@ -187,3 +187,34 @@ def test_anonymized_flows_carry_the_anonymized_pcap_addresses(trace, tmp_path):
     flows = _ipfix_addr_pairs(files)
     assert flows and flows == anon_pcap
     assert flows.isdisjoint(_tshark_addr_pairs([trace]))   # and not the original ones
+
+
+@pytest.mark.integration
+def test_sigterm_mid_run_flushes_every_flow(tmp_path):
+    """SIGTERM: the current file is finished with every flow in the table flushed
+    (forced end / end detected), so the records add up to every packet metered."""
+    import signal
+    big = str(tmp_path / "big.pcap")
+    generate(big, 3_000_000, 50_000, seed=5)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "capture_daemon.cli", "--read", big,
+                          "--output-dir", str(out), "--aggregate", "flows"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # wait until it is reading packets, then stop it
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / ".gims-status.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()[-2000:]
+    files = sorted(glob.glob(str(out / "*.ipfix")))
+    metas = [json.load(open(f + ".meta.json")) for f in files]
+    last = metas[-1]["flows"]
+    assert last["flushed"] and last["active"] == 0
+    metered = last["totals"]["packets_metered"]
+    assert 0 < metered < 3_000_000            # stopped part-way
+    recs, pk, oc = check_files(files, metas)
+    assert pk == metered and oc == last["totals"]["octets_metered"]
+    assert last["end_reasons"]["forced_end"] > 0
