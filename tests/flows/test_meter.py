@@ -137,17 +137,29 @@ def test_keep_mask_respected():
     assert r["packets"].sum() == keep.sum() and r["octets"].sum() == h.iplen[keep].sum()
 
 
-def test_hash_collisions_fall_back_to_exact_grouping(monkeypatch):
-    # every key hashes alike: grouping must still be exact
-    monkeypatch.setattr(flows, "_HASH_C", np.zeros(5, dtype=np.uint64))
-    b, h, fid = random_headers(3000, 200, seed=5)
-    ts = b.ts_sec * 1_000_000 + b.ts_usec
-    m = FlowMeter()
-    m.add(ts, h, np.ones(3000, bool))
+def _meter_in_batches(h, ts, step, **kw):
+    m = FlowMeter(**kw)
+    for i in range(0, len(ts), step):
+        sl = slice(i, i + step)
+        sub = type(h)(**{k: v[sl] for k, v in vars(h).items()})
+        m.add(ts[sl], sub, np.ones(len(ts[sl]), bool))
+        m.advance(int(ts[sl][-1]))
     m.flush()
     r = m.take_records()
-    assert m.stats.hash_fallbacks == 1
-    assert len(r) == len(np.unique(fid)) and r["packets"].sum() == 3000
+    return m, np.sort(r, order=["k0", "k1", "k2", "k3", "misc", "start_us"])
+
+
+def test_hash_collisions_never_merge_flows(monkeypatch):
+    b, h, fid = random_headers(3000, 200, seed=5, span=30.0)
+    ts = b.ts_sec * 1_000_000 + b.ts_usec
+    _, expected = _meter_in_batches(h, ts, 250, idle_timeout=2.0)
+    # every key hashes alike: batch grouping falls back to exact, the key index confirms
+    # every hit against the full key; the records must not change
+    monkeypatch.setattr(flows, "_HASH_C", np.zeros(5, dtype=np.uint64))
+    m, got = _meter_in_batches(h, ts, 250, idle_timeout=2.0)
+    assert m.stats.hash_fallbacks == 12
+    assert np.array_equal(got, expected)
+    assert got["packets"].sum() == 3000
 
 
 def test_ipv6_addresses_round_trip():
