@@ -1,0 +1,68 @@
+"""A batch of captured packets as numpy arrays: the unit of work on the capture path.
+
+Packets are stored back to back in one byte buffer, in capture order, without gaps
+(``off[i + 1] == off[i] + caplen[i]``): pcapy-ng's ``next_batch`` hands them over that way,
+and writers rely on it to copy whole runs of packets with one boolean mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    buf: np.ndarray      # uint8, the packets concatenated
+    off: np.ndarray      # int64, offset of each packet in buf
+    caplen: np.ndarray   # int64, bytes captured
+    wirelen: np.ndarray  # int64, bytes on the wire
+    ts_sec: np.ndarray   # int64
+    ts_usec: np.ndarray  # int64, microseconds
+    linktype: int
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+    @property
+    def times(self) -> np.ndarray:
+        """Packet times as float seconds (enough precision for rotation and counts)."""
+        return self.ts_sec + self.ts_usec * 1e-6
+
+    def make_writable(self) -> None:
+        """Give the batch its own writable buffer (anonymization rewrites packets in place)."""
+        if not self.buf.flags.writeable:
+            self.buf = self.buf.copy()
+
+    def take(self, idx: np.ndarray) -> "Batch":
+        """A new packed batch holding the packets at idx (in that order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        caplen = self.caplen[idx]
+        if len(idx) == len(self) and np.array_equal(idx, np.arange(len(self))):
+            return self
+        mask = np.zeros(len(self), dtype=bool)
+        mask[idx] = True
+        if not np.all(np.diff(idx) > 0):
+            raise ValueError("take() needs increasing indices")
+        buf = self.buf[np.repeat(mask, self.caplen)]
+        off = np.zeros(len(idx), dtype=np.int64)
+        if len(idx) > 1:
+            np.cumsum(caplen[:-1], out=off[1:])
+        return Batch(buf, off, caplen, self.wirelen[idx], self.ts_sec[idx],
+                     self.ts_usec[idx], self.linktype)
+
+
+def from_packets(packets, linktype: int = 1, start: float = 0.0, step: float = 0.001,
+                 wirelens=None) -> Batch:
+    """Build a batch from a list of bytes (tests, fuzzing, synthetic traffic)."""
+    caplen = np.array([len(p) for p in packets], dtype=np.int64)
+    off = np.zeros(len(packets), dtype=np.int64)
+    if len(packets) > 1:
+        np.cumsum(caplen[:-1], out=off[1:])
+    buf = np.frombuffer(b"".join(packets), dtype=np.uint8).copy()
+    t = start + step * np.arange(len(packets))
+    sec = np.floor(t).astype(np.int64)
+    usec = np.round((t - sec) * 1e6).astype(np.int64)
+    wl = caplen.copy() if wirelens is None else np.asarray(wirelens, dtype=np.int64)
+    return Batch(buf, off, caplen, wl, sec, usec, linktype)

@@ -1,0 +1,232 @@
+"""Packet sources: a live interface or a savefile, both read in batches with pcapy-ng.
+
+pcapy-ng's ``next_batch`` returns the packets and (sec, usec, offset, caplen) per packet, but
+not the wire length, which pcap records and byte counts need. We recover it per batch:
+- a classic pcap savefile read without a libpcap filter: the records lie back to back, so the
+  file offset of each record header is a cumulative sum of (16 + caplen) and the wire length
+  is read from the mapped file — exact, vectorized;
+- otherwise (live capture, filtered savefiles, pcapng): a packet shorter than the snaplen was
+  captured whole (wirelen == caplen); a truncated IP packet's wire length is its link header
+  plus the IP datagram length; a truncated non-IP packet is counted at its captured length
+  and reported in ``wirelen_estimated``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from typing import Iterator
+
+import numpy as np
+
+from .batch import Batch
+from . import parse
+
+try:
+    import pcapy
+except ImportError:  # reported clearly by the CLI
+    pcapy = None
+
+BATCH_PACKETS = 65536
+PCAP_MAGICS = {0xA1B2C3D4: ("<", 1_000), 0xD4C3B2A1: (">", 1_000),
+               0xA1B23C4D: ("<", 1), 0x4D3CB2A1: (">", 1)}
+
+
+class SourceError(Exception):
+    """A source that cannot be opened or a filter that does not compile: a one-line reason."""
+
+
+def libpcap_version() -> str:
+    """Version string of the libpcap pcapy is linked against (the one actually capturing)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libpcap" in line and "/" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            lib.pcap_lib_version.restype = ctypes.c_char_p
+            return lib.pcap_lib_version().decode()
+    except OSError:
+        pass
+    return "unknown"
+
+
+class PcapSource:
+    """Common batch loop over a pcapy handle."""
+
+    live = False
+
+    def __init__(self, handle, snaplen: int, description: str):
+        self.handle = handle
+        self.linktype = handle.datalink()
+        self.snaplen = snaplen
+        self.description = description
+        self.wirelen_estimated = 0
+        if self.linktype not in parse.SUPPORTED_LINKTYPES:
+            raise SourceError(f"{description}: unsupported link type {self.linktype}")
+
+    def set_filter(self, expr: str) -> None:
+        if not expr:
+            return
+        try:
+            self.handle.setfilter(expr)
+        except Exception as exc:  # pcapy raises PcapError with libpcap's message
+            raise SourceError(f"filter {expr!r} does not compile: {exc}") from None
+
+    def _raw_batches(self) -> Iterator[tuple[bytes, bytes]]:
+        while True:
+            data, meta = self.handle.next_batch(BATCH_PACKETS)
+            yield data, meta
+
+    def batches(self) -> Iterator[Batch | None]:
+        """Batches of packets; None when a live read timed out empty; stops at end of file."""
+        for data, meta in self._raw_batches():
+            if not meta:
+                if self.live:
+                    yield None
+                    continue
+                return
+            m = np.frombuffer(meta, dtype=np.uint32).reshape(-1, 4).astype(np.int64)
+            buf = np.frombuffer(data, dtype=np.uint8)
+            caplen = m[:, 3]
+            wirelen = self._wire_lengths(buf, m[:, 2], caplen)
+            yield Batch(buf, m[:, 2].copy(), caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
+                        self.linktype)
+
+    def _wire_lengths(self, buf, off, caplen) -> np.ndarray:
+        return self._estimate_wire_lengths(buf, off, caplen)
+
+    def _estimate_wire_lengths(self, buf, off, caplen) -> np.ndarray:
+        wirelen = caplen.copy()
+        truncated = caplen >= self.snaplen
+        if not truncated.any():
+            return wirelen
+        idx = np.nonzero(truncated)[0]
+        zeros = np.zeros(len(idx), dtype=np.int64)
+        # parse only reads through offsets, so the subset can share the batch buffer
+        hdr = parse.parse(Batch(buf, off[idx], caplen[idx], caplen[idx], zeros, zeros, self.linktype))
+        derived = np.where(hdr.ipver > 0, (hdr.l3 - off[idx]) + hdr.iplen, caplen[idx])
+        wirelen[idx] = np.maximum(caplen[idx], derived)
+        self.wirelen_estimated += int(np.count_nonzero(hdr.ipver == 0))
+        return wirelen
+
+    def stats(self) -> tuple[int, int, int]:
+        """libpcap's (ps_recv, ps_drop, ps_ifdrop); zeros for savefiles."""
+        if not self.live:
+            return (0, 0, 0)
+        try:
+            return tuple(int(v) for v in self.handle.stats())
+        except Exception:
+            return (0, 0, 0)
+
+    def close(self) -> None:
+        try:
+            self.handle.close()
+        except Exception:
+            pass
+
+
+class LiveSource(PcapSource):
+    live = True
+
+    def __init__(self, interface: str, *, snaplen: int = 64, promiscuous: bool = True,
+                 timeout_ms: int = 1000, buffer_bytes: int = 1 << 20, filter_expr: str = ""):
+        _need_pcapy()
+        try:
+            handle = pcapy.create(interface)
+            handle.set_snaplen(snaplen)
+            handle.set_promisc(bool(promiscuous))
+            handle.set_timeout(timeout_ms)
+            handle.set_buffer_size(buffer_bytes)
+            handle.activate()
+        except Exception as exc:
+            raise SourceError(f"cannot capture on {interface!r}: {exc}") from None
+        super().__init__(handle, snaplen, f"interface {interface}")
+        self.interface = interface
+        self.set_filter(filter_expr)
+
+
+class OfflineSource(PcapSource):
+    def __init__(self, path: str, *, filter_expr: str = "", snaplen: int | None = None):
+        _need_pcapy()
+        if not os.path.isfile(path):
+            raise SourceError(f"cannot read {path!r}: no such file")
+        try:
+            handle = pcapy.open_offline(path)
+        except Exception as exc:
+            raise SourceError(f"cannot read {path!r}: {exc}") from None
+        self.path = path
+        self._map = None
+        self._file_pos = 24
+        header = _read_pcap_header(path)
+        file_snaplen = header[2] if header else 262144
+        super().__init__(handle, file_snaplen, f"file {path}")
+        self.set_filter(filter_expr)
+        # Exact wire lengths straight from the file when records are read back to back.
+        if header and not filter_expr and os.path.getsize(path) > 24:
+            fh = open(path, "rb")
+            try:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            finally:
+                fh.close()
+            self._endian = header[0]
+
+    def _wire_lengths(self, buf, off, caplen) -> np.ndarray:
+        if self._map is None:
+            return self._estimate_wire_lengths(buf, off, caplen)
+        rec = np.empty(len(caplen), dtype=np.int64)
+        rec[0] = self._file_pos
+        np.cumsum(caplen[:-1] + 16, out=rec[1:])
+        rec[1:] += self._file_pos
+        self._file_pos = int(rec[-1] + 16 + caplen[-1])
+        raw = np.frombuffer(self._map, dtype=np.uint8)
+        if self._file_pos > len(raw):
+            return self._give_up_exact(buf, off, caplen)
+        fields = raw[(rec + 8)[:, None] + np.arange(8)].copy().view(self._endian + "u4").reshape(-1, 2)
+        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all
+            return self._give_up_exact(buf, off, caplen)
+        return fields[:, 1].astype(np.int64)
+
+    def _give_up_exact(self, buf, off, caplen):
+        self._map = None
+        return self._estimate_wire_lengths(buf, off, caplen)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        super().close()
+
+
+def _read_pcap_header(path: str):
+    """(endian, linktype, snaplen) of a classic pcap file, None for pcapng or others."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24:
+        return None
+    magic = struct.unpack("<I", head[:4])[0]
+    if magic not in PCAP_MAGICS:
+        return None
+    endian, _ = PCAP_MAGICS[magic]
+    snaplen, linktype = struct.unpack(endian + "II", head[16:24])
+    return endian, linktype & 0x0FFFFFFF, snaplen
+
+
+def _need_pcapy() -> None:
+    if pcapy is None:
+        raise SourceError("pcapy-ng is not installed (python3 -m pip install pcapy-ng)")
+
+
+def open_source(*, read: str | None, interface: str | None, filter_expr: str = "",
+                snaplen: int = 64, promiscuous: bool = True, timeout_ms: int = 1000,
+                buffer_bytes: int = 1 << 20) -> PcapSource:
+    if read:
+        src = OfflineSource(read, filter_expr=filter_expr)
+    else:
+        src = LiveSource(interface, snaplen=snaplen, promiscuous=promiscuous,
+                         timeout_ms=timeout_ms, buffer_bytes=buffer_bytes, filter_expr=filter_expr)
+    if not hasattr(src.handle, "next_batch"):
+        src.close()
+        raise SourceError("the installed pcapy lacks next_batch: install pcapy-ng >= 2.1")
+    return src
