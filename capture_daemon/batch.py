@@ -1,8 +1,10 @@
 """A batch of captured packets as numpy arrays: the unit of work on the capture path.
 
-Packets are stored back to back in one byte buffer, in capture order, without gaps
-(``off[i + 1] == off[i] + caplen[i]``): pcapy-ng's ``next_batch`` hands them over that way,
-and writers rely on it to copy whole runs of packets with one boolean mask.
+Packets are stored in one byte buffer, in capture order. Usually back to back without gaps
+(``off[i + 1] == off[i] + caplen[i]``), as pcapy-ng's ``next_batch`` hands them over; or, when
+``records`` is set, the buffer is exactly the little-endian microsecond pcap records of these
+packets (16-byte record header before each packet) as read from a savefile, so a pcap writer
+can write it as is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Batch:
     ts_sec: np.ndarray   # int64
     ts_usec: np.ndarray  # int64, microseconds
     linktype: int
+    records: bool = False  # buf is exactly these packets' pcap records (see module doc)
 
     def __len__(self) -> int:
         return len(self.off)
@@ -41,11 +44,18 @@ class Batch:
         caplen = self.caplen[idx]
         if len(idx) == len(self) and np.array_equal(idx, np.arange(len(self))):
             return self
-        mask = np.zeros(len(self), dtype=bool)
-        mask[idx] = True
         if not np.all(np.diff(idx) > 0):
             raise ValueError("take() needs increasing indices")
-        buf = self.buf[np.repeat(mask, self.caplen)]
+        if self.records:
+            # Mark the bytes of the chosen packets: +1 where one starts, -1 where it ends.
+            edges = np.zeros(len(self.buf) + 1, dtype=np.int8)
+            edges[self.off[idx]] += 1
+            edges[self.off[idx] + caplen] -= 1
+            buf = self.buf[np.cumsum(edges[:-1], dtype=np.int8) > 0]
+        else:
+            mask = np.zeros(len(self), dtype=bool)
+            mask[idx] = True
+            buf = self.buf[np.repeat(mask, self.caplen)]
         off = np.zeros(len(idx), dtype=np.int64)
         if len(idx) > 1:
             np.cumsum(caplen[:-1], out=off[1:])

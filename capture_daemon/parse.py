@@ -54,43 +54,62 @@ class Headers:
         return len(self.l3)
 
 
+READ_PAD = 64  # zero bytes after the buffer, so reads near its end need no clipping
+
+
 class _Reader:
-    """Bounds-checked big-endian field reads at per-packet positions."""
+    """Big-endian field reads at per-packet positions, one gather per field.
+
+    The buffer is copied once with zero padding and viewed as unaligned big-endian 16- and
+    32-bit integers starting at every byte, so ``u16(pos)`` is a single gather. Reads are
+    not bounds-checked one by one: callers compute validity masks per header (``ok``) and
+    discard what lies past the capture — bytes there belong to the next packet.
+    """
 
     def __init__(self, batch: Batch):
-        self.buf = batch.buf
+        n = len(batch.buf)
+        padded = np.zeros(n + READ_PAD, dtype=np.uint8)
+        padded[:n] = batch.buf
+        self.b8 = padded
+        self.b16 = np.ndarray((n + READ_PAD - 1,), dtype=">u2", buffer=padded, strides=(1,))
+        self.b32 = np.ndarray((n + READ_PAD - 3,), dtype=">u4", buffer=padded, strides=(1,))
+        self.limit = n  # positions are clamped here (inside the padding: reads zeros)
+        self.off = batch.off
         self.end = batch.off + batch.caplen
-        self.safe_max = len(batch.buf) - 1
 
     def ok(self, pos: np.ndarray, width: int) -> np.ndarray:
-        return (pos >= 0) & (pos + width <= self.end)
+        return (pos >= self.off) & (pos + width <= self.end)
+
+    def _clamp(self, pos):
+        return np.minimum(np.maximum(pos, 0), self.limit)
 
     def u8(self, pos, ok=None):
-        ok = self.ok(pos, 1) if ok is None else ok
-        p = np.where(ok, pos, 0)
-        if self.safe_max < 0:
-            return np.zeros(len(pos), dtype=np.uint8)
-        return np.where(ok, self.buf[np.clip(p, 0, self.safe_max)], 0).astype(np.uint8)
+        v = self.b8[self._clamp(pos)]
+        return v if ok is None else np.where(ok, v, 0).astype(np.uint8)
 
     def u16(self, pos, ok=None):
-        ok = self.ok(pos, 2) if ok is None else ok
-        hi = self.u8(pos, ok).astype(np.uint16)
-        lo = self.u8(pos + 1, ok).astype(np.uint16)
-        return (hi << 8) | lo
+        v = self.b16[self._clamp(pos)].astype(np.uint16)
+        return v if ok is None else np.where(ok, v, 0).astype(np.uint16)
 
     def u32(self, pos, ok=None):
-        ok = self.ok(pos, 4) if ok is None else ok
-        hi = self.u16(pos, ok).astype(np.uint32)
-        lo = self.u16(pos + 2, ok).astype(np.uint32)
-        return (hi << 16) | lo
+        v = self.b32[self._clamp(pos)].astype(np.uint32)
+        return v if ok is None else np.where(ok, v, 0).astype(np.uint32)
 
     def bytes16(self, pos, ok):
         """(n, 16) copy of the 16 bytes at pos where ok, zeros elsewhere."""
         out = np.zeros((len(pos), 16), dtype=np.uint8)
         idx = np.nonzero(ok)[0]
         if len(idx):
-            out[idx] = self.buf[pos[idx, None] + np.arange(16)]
+            out[idx] = self.b8[pos[idx, None] + np.arange(16)]
         return out
+
+
+def _any_of(values: np.ndarray, choices) -> np.ndarray:
+    """values == c1 | values == c2 | ...: faster than np.isin for a handful of choices."""
+    out = values == choices[0]
+    for c in choices[1:]:
+        out |= values == c
+    return out
 
 
 def _link_layer(batch: Batch, rd: _Reader):
@@ -123,7 +142,7 @@ def _link_layer(batch: Batch, rd: _Reader):
     short = ~rd.ok(et_pos, 2)
     pos = et_pos + 2
     for _ in range(MAX_VLAN_TAGS):
-        tagged = np.isin(et, VLAN_TPIDS) & rd.ok(pos, 4)
+        tagged = _any_of(et, VLAN_TPIDS) & rd.ok(pos, 4)
         if not tagged.any():
             break
         tci = rd.u16(pos, tagged)
@@ -145,7 +164,7 @@ def parse(batch: Batch) -> Headers:
     is6 = (ethertype == ETH_IPV6) & rd.ok(l3, 40)
     # An IP ethertype whose header version disagrees is malformed; so is a header the wire
     # length says cannot be there.
-    ip_claimed = np.isin(ethertype, (ETH_IPV4, ETH_IPV6))
+    ip_claimed = (ethertype == ETH_IPV4) | (ethertype == ETH_IPV6)
     wire_end = batch.off + batch.wirelen
     malformed |= ip_claimed & rd.ok(l3, 1) & (
         ((ethertype == ETH_IPV4) & (version != 4)) | ((ethertype == ETH_IPV6) & (version != 6)))
@@ -170,6 +189,7 @@ def parse(batch: Batch) -> Headers:
     iplen = np.where(is4, total4, 0)
 
     # IPv6: walk the extension header chain, all packets at once.
+    any6 = bool(is6.any())
     src6 = rd.bytes16(l3 + 8, is6)
     dst6 = rd.bytes16(l3 + 24, is6)
     tc = ((rd.u16(l3, is6) >> 4) & 0xFF).astype(np.uint8)
@@ -179,8 +199,8 @@ def parse(batch: Batch) -> Headers:
     nh = rd.u8(l3 + 6, is6)
     pos = l3 + 40
     walking = is6.copy()
-    for _ in range(MAX_IPV6_EXT_HEADERS):
-        walking &= np.isin(nh, IPV6_EXT_HEADERS)
+    for _ in range(MAX_IPV6_EXT_HEADERS if any6 else 0):
+        walking &= _any_of(nh, IPV6_EXT_HEADERS)
         if not walking.any():
             break
         readable = walking & rd.ok(pos, 8)
@@ -200,7 +220,7 @@ def parse(batch: Batch) -> Headers:
     # Where the L4 header does not start inside the capture, there is none to look at.
     l4 = np.where(rd.ok(l4, 1), l4, -1)
 
-    has_ports = (l4 >= 0) & np.isin(proto, PORT_PROTOCOLS) & rd.ok(l4, 4)
+    has_ports = (l4 >= 0) & _any_of(proto, PORT_PROTOCOLS) & rd.ok(l4, 4)
     sport = rd.u16(l4, has_ports)
     dport = rd.u16(l4 + 2, has_ports)
     is_icmp = (l4 >= 0) & (((proto == PROTO_ICMP) & is4) | ((proto == PROTO_ICMPV6) & is6)) & rd.ok(l4, 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import select
 import os
 import struct
 from typing import Iterator
@@ -90,12 +91,21 @@ class PcapSource:
             m = np.frombuffer(meta, dtype=np.uint32).reshape(-1, 4).astype(np.int64)
             buf = np.frombuffer(data, dtype=np.uint8)
             caplen = m[:, 3]
-            wirelen = self._wire_lengths(buf, m[:, 2], caplen)
+            records = self._records(caplen)
+            if records is not None:  # the savefile's own records: exact, and writable as they are
+                buf, off, wirelen = records
+                yield Batch(buf, off, caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
+                            self.linktype, records=self._native_records)
+                continue
+            wirelen = self._estimate_wire_lengths(buf, m[:, 2], caplen)
             yield Batch(buf, m[:, 2].copy(), caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
                         self.linktype)
 
-    def _wire_lengths(self, buf, off, caplen) -> np.ndarray:
-        return self._estimate_wire_lengths(buf, off, caplen)
+    _native_records = False
+
+    def _records(self, caplen):
+        """(buffer, packet offsets, wire lengths) straight from a savefile, or None."""
+        return None
 
     def _estimate_wire_lengths(self, buf, off, caplen) -> np.ndarray:
         wirelen = caplen.copy()
@@ -145,6 +155,20 @@ class LiveSource(PcapSource):
         super().__init__(handle, snaplen, f"interface {interface}")
         self.interface = interface
         self.set_filter(filter_expr)
+        # With TPACKET_V3 libpcap may block forever when no packets come (the kernel retires
+        # a block only when it holds packets), so we wait on the descriptor ourselves.
+        self.handle.setnonblock(1)
+        self.fd = self.handle.getfd()
+        self.wait_seconds = min(timeout_ms / 1000.0, 0.5)
+
+    def _raw_batches(self):
+        while True:
+            data, meta = self.handle.next_batch(BATCH_PACKETS)
+            if not meta:
+                ready, _, _ = select.select([self.fd], [], [], self.wait_seconds)
+                if ready:
+                    data, meta = self.handle.next_batch(BATCH_PACKETS)
+            yield data, meta
 
 
 class OfflineSource(PcapSource):
@@ -171,32 +195,44 @@ class OfflineSource(PcapSource):
             finally:
                 fh.close()
             self._endian = header[0]
+            # Records we can pass through unchanged: little-endian, microsecond timestamps.
+            self._native_records = _read_magic(path) == 0xA1B2C3D4
 
-    def _wire_lengths(self, buf, off, caplen) -> np.ndarray:
+    def _records(self, caplen):
         if self._map is None:
-            return self._estimate_wire_lengths(buf, off, caplen)
-        rec = np.empty(len(caplen), dtype=np.int64)
+            return None
+        n = len(caplen)
+        rec = np.empty(n, dtype=np.int64)
         rec[0] = self._file_pos
-        np.cumsum(caplen[:-1] + 16, out=rec[1:])
-        rec[1:] += self._file_pos
-        self._file_pos = int(rec[-1] + 16 + caplen[-1])
+        if n > 1:
+            np.cumsum(caplen[:-1] + 16, out=rec[1:])
+            rec[1:] += self._file_pos
+        end = int(rec[-1] + 16 + caplen[-1])
         raw = np.frombuffer(self._map, dtype=np.uint8)
-        if self._file_pos > len(raw):
-            return self._give_up_exact(buf, off, caplen)
+        if end > len(raw):
+            self._map = None
+            return None
         fields = raw[(rec + 8)[:, None] + np.arange(8)].copy().view(self._endian + "u4").reshape(-1, 2)
-        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all
-            return self._give_up_exact(buf, off, caplen)
-        return fields[:, 1].astype(np.int64)
-
-    def _give_up_exact(self, buf, off, caplen):
-        self._map = None
-        return self._estimate_wire_lengths(buf, off, caplen)
+        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all: stop trusting it
+            self._map = None
+            return None
+        self._file_pos = end
+        start = int(rec[0])
+        return raw[start:end], rec + 16 - start, fields[:, 1].astype(np.int64)
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # a batch still looks at it; the GC closes it later
+                pass
             self._map = None
         super().close()
+
+
+def _read_magic(path: str) -> int:
+    with open(path, "rb") as fh:
+        return struct.unpack("<I", fh.read(4).ljust(4, b"\0"))[0]
 
 
 def _read_pcap_header(path: str):

@@ -1,0 +1,288 @@
+"""Batched, cached, prefix-preserving Crypto-PAn for IPv4 and IPv6.
+
+Crypto-PAn (Xu, Fan, Ammar, Moon 2002): with a 32-byte key, AES-128 is keyed with the first
+16 bytes and pad = AES(last 16 bytes). Bit i of the output is bit i of the input XOR the first
+bit of AES(first i bits of the input || bits i..127 of pad). An IPv4 address is the first 32
+bits of the 128-bit block; IPv6 is the same over 128 bits.
+
+Why it is fast: a never-seen address costs 32 (IPv4) or 128 (IPv6) AES blocks. All blocks of all
+new addresses are built at once with numpy and encrypted in a single AES-ECB ``update_into()``
+per 2 MiB chunk (OpenSSL, AES-NI), then the first bit of every output block is packed back into
+addresses. Results are cached in sorted arrays, so looking up a whole batch is a vectorized
+``searchsorted`` rather than a Python loop; only addresses never seen before reach AES.
+
+Cache bound: at most ``max_cache`` addresses per family (default 2**20 IPv4 = 8 MiB,
+2**18 IPv6 = 8 MiB). When a family's cache is full it is cleared and refilled from the
+traffic that follows (generation eviction: cheap, and real traffic re-warms it in seconds).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 32
+FINGERPRINT_PREFIX = b"gims-key-fingerprint"
+
+DEFAULT_MAX_CACHE_V4 = 1 << 20
+DEFAULT_MAX_CACHE_V6 = 1 << 18
+
+
+def fingerprint(key: bytes) -> str:
+    """Non-secret identifier of a key for metadata: first 16 hex chars of
+    sha256(b"gims-key-fingerprint" + key)."""
+    return hashlib.sha256(FINGERPRINT_PREFIX + bytes(key)).hexdigest()[:16]
+
+
+def parse_key(data: bytes) -> bytes:
+    """A key from the contents of a key file: exactly 32 raw bytes, or 64 hex characters with
+    optional surrounding whitespace. Errors never quote the data (it is a secret)."""
+    if len(data) == KEY_BYTES:
+        return bytes(data)
+    text = data.strip()
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(
+                "anonymization key: 64 characters found but they are not all hex digits"
+            ) from None
+    raise ValueError(
+        f"anonymization key must be 32 raw bytes or 64 hex characters; "
+        f"found {len(data)} bytes ({len(text)} without surrounding whitespace)"
+    )
+
+
+def load_key(path: str | os.PathLike) -> bytes:
+    """Read a key file (32 raw bytes or 64 hex chars). ValueError on bad contents; the
+    message names the file and the problem, never the key material."""
+    with open(path, "rb") as f:
+        data = f.read(4096 + 1)
+    try:
+        return parse_key(data)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+
+class _SortedCache:
+    """Address → anonymized address, kept as sorted numpy arrays so a whole batch is looked up
+    with one searchsorted. Two levels: a big `main` level and a small `recent` one that new
+    entries go to (merging into main only when recent grows past a fraction of it, so
+    inserting costs amortized O(log) per entry instead of a full copy per batch)."""
+
+    def __init__(self, dtype, max_entries: int):
+        self.dtype = np.dtype(dtype)
+        self.max_entries = int(max_entries)
+        self.clear()
+
+    def clear(self) -> None:
+        empty = np.empty(0, self.dtype)
+        self.main_k, self.main_v = empty, empty
+        self.rec_k, self.rec_v = empty, empty
+        self.generations = getattr(self, "generations", 0) + 1
+
+    def __len__(self) -> int:
+        return len(self.main_k) + len(self.rec_k)
+
+    @staticmethod
+    def _probe(keys, vals, q, out, miss):
+        """Fill out[i] for the queries q[i] (i where miss) found in (keys, vals); update miss."""
+        if len(keys) == 0 or not miss.any():
+            return
+        idx = np.flatnonzero(miss)
+        qq = q[idx]
+        pos = np.searchsorted(keys, qq)
+        pos[pos == len(keys)] = 0
+        hit = keys[pos] == qq
+        out[idx[hit]] = vals[pos[hit]]
+        miss[idx[hit]] = False
+
+    def lookup(self, q):
+        """(values, miss mask) for the queries q."""
+        out = np.empty(len(q), self.dtype)
+        miss = np.ones(len(q), bool)
+        self._probe(self.rec_k, self.rec_v, q, out, miss)
+        self._probe(self.main_k, self.main_v, q, out, miss)
+        return out, miss
+
+    def insert(self, k, v) -> None:
+        """Add sorted unique keys k (none present yet) with values v."""
+        if len(self) + len(k) > self.max_entries:
+            self.clear()
+            if len(k) > self.max_entries:
+                return
+        # np.insert at searchsorted positions: one O(len) copy, no re-sort.
+        pos = np.searchsorted(self.rec_k, k)
+        self.rec_k = np.insert(self.rec_k, pos, k)
+        self.rec_v = np.insert(self.rec_v, pos, v)
+        if len(self.rec_k) > max(4096, len(self.main_k) // 8):
+            pos = np.searchsorted(self.main_k, self.rec_k)
+            self.main_k = np.insert(self.main_k, pos, self.rec_k)
+            self.main_v = np.insert(self.main_v, pos, self.rec_v)
+            empty = np.empty(0, self.dtype)
+            self.rec_k, self.rec_v = empty, empty
+
+
+# numpy compares unstructured void (V16) values bytewise like memcmp, i.e. in numeric order of
+# the big-endian address, which is what sort/searchsorted need.
+_V16 = np.dtype("V16")
+
+
+class CryptoPAn:
+    """Crypto-PAn with a 32-byte key. Thread-unsafe (one per capture process)."""
+
+    def __init__(self, key: bytes, max_cache_v4: int = DEFAULT_MAX_CACHE_V4,
+                 max_cache_v6: int = DEFAULT_MAX_CACHE_V6):
+        key = bytes(key)
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"Crypto-PAn key must be {KEY_BYTES} bytes, got {len(key)}")
+        # ECB is stateless, so one encryptor serves every call.
+        self._enc = Cipher(algorithms.AES(key[:16]), modes.ECB()).encryptor()
+        pad = np.frombuffer(self._enc.update(key[16:]), np.uint8).copy()
+        self._pad = pad
+        self.fingerprint = fingerprint(key)
+        # IPv4: the block's first 32-bit word is (prefix of the address | rest of the pad's
+        # first word); the other 12 bytes are always the pad's.
+        pos = np.arange(32, dtype=np.uint64)
+        self._mask4 = ((np.uint64(0xFFFFFFFF) << (np.uint64(32) - pos)) & np.uint64(0xFFFFFFFF)
+                       ).astype(np.uint32)  # pos 0 → 0 (shift by 32 of a uint64 is defined)
+        pad_w0 = np.uint32(int.from_bytes(pad[:4].tobytes(), "big"))
+        self._padpart4 = (pad_w0 & ~self._mask4).astype(np.uint32)
+        self._padtail4 = pad[4:16].view(">u4").copy()  # three big-endian words
+        # IPv6 as two big-endian 64-bit lanes; mask64[pos] has the first pos bits set.
+        pos = np.arange(64, dtype=np.uint64)
+        ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+        self._mask64 = np.zeros(64, np.uint64)
+        self._mask64[1:] = ones << (np.uint64(64) - pos[1:])
+        self._pad6_lanes = pad.view(">u8").astype(np.uint64)
+        self._padpart6_hi = self._pad6_lanes[0] & ~self._mask64
+        self._padpart6_lo = self._pad6_lanes[1] & ~self._mask64
+        self._scr = None  # scratch buffers, allocated on first use
+        self._cache4 = _SortedCache(np.uint32, max_cache_v4)
+        self._cache6 = _SortedCache(_V16, max_cache_v6)
+
+    # --- the uncached kernels -------------------------------------------------------------
+    # All AES blocks of a chunk of new addresses are built with numpy in a reusable scratch
+    # array and encrypted with ONE update_into() into a reusable output buffer. Chunks are
+    # 2 MiB of blocks (4096 IPv4 / 1024 IPv6 addresses): measured here, this cache-resident
+    # size is ~6x faster than one update() over all of 256k new addresses (128 MiB of blocks:
+    # page faults and cache misses dominate; 7.6M vs 1.2M IPv4/s, 1.7M vs 0.3M IPv6/s).
+    _CHUNK4 = 4096
+    _CHUNK6 = 1024
+
+    def _scratch(self):
+        if self._scr is None:
+            blocks4 = np.empty((self._CHUNK4, 32, 4), ">u4")
+            blocks4[:, :, 1:] = self._padtail4
+            blocks6 = np.empty((self._CHUNK6, 128, 2), ">u8")
+            blocks6[:, :64, 1] = self._pad6_lanes[1]
+            self._scr = (
+                blocks4,
+                np.empty((self._CHUNK4, 32), np.uint32),
+                blocks6,
+                np.empty((self._CHUNK6, 64), np.uint64),
+                bytearray(self._CHUNK4 * 32 * 16 + 16),
+            )
+        return self._scr
+
+    def _compute_v4(self, addrs: np.ndarray) -> np.ndarray:
+        n = len(addrs)
+        out = np.empty(n, np.uint32)
+        blocks, word0, _, _, ctbuf = self._scratch()
+        ct = np.frombuffer(ctbuf, np.uint8)
+        step = self._CHUNK4
+        for s in range(0, n, step):
+            a = addrs[s:s + step]
+            m = len(a)
+            w = word0[:m]
+            np.bitwise_and(a[:, None], self._mask4, out=w)
+            np.bitwise_or(w, self._padpart4, out=w)
+            blocks[:m, :, 0] = w
+            nbytes = m * 32 * 16
+            self._enc.update_into(memoryview(blocks[:m]).cast("B"), ctbuf)
+            flips = ct[:nbytes:16].reshape(m, 32) >> 7
+            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1).view(">u4").reshape(m)
+        return out
+
+    def _compute_v6(self, addrs: np.ndarray) -> np.ndarray:
+        n = len(addrs)
+        out = np.empty((n, 16), np.uint8)
+        _, _, blocks, tmp, ctbuf = self._scratch()
+        ct = np.frombuffer(ctbuf, np.uint8)
+        step = self._CHUNK6
+        addrs = np.ascontiguousarray(addrs, np.uint8)
+        lanes = addrs.view(">u8")  # (n, 2)
+        for s in range(0, n, step):
+            a = lanes[s:s + step]
+            m = len(a)
+            b = blocks[:m]  # (m, 128, 2) big-endian 64-bit lanes
+            hi, lo = a[:, 0], a[:, 1]
+            # Positions 0..63: lane 0 = prefix of hi + pad; lane 1 = pad (prefilled).
+            np.bitwise_and(hi[:, None], self._mask64, out=tmp[:m])
+            np.bitwise_or(tmp[:m], self._padpart6_hi, out=tmp[:m])
+            b[:, :64, 0] = tmp[:m]
+            # Positions 64..127: lane 0 = the whole hi; lane 1 = prefix of lo + pad.
+            b[:, 64:, 0] = hi[:, None]
+            np.bitwise_and(lo[:, None], self._mask64, out=tmp[:m])
+            np.bitwise_or(tmp[:m], self._padpart6_lo, out=tmp[:m])
+            b[:, 64:, 1] = tmp[:m]
+            nbytes = m * 128 * 16
+            self._enc.update_into(memoryview(b).cast("B"), ctbuf)
+            flips = ct[:nbytes:16].reshape(m, 128) >> 7
+            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1)
+        return out
+
+    # --- public, cached API -------------------------------------------------------------
+    def anonymize_v4(self, addrs) -> np.ndarray:
+        """IPv4 addresses as host-order uint32 (the value of the big-endian address) →
+        anonymized, same shape."""
+        a = np.asarray(addrs)
+        if a.dtype != np.uint32:
+            a = a.astype(np.uint32)
+        flat = np.ascontiguousarray(a).reshape(-1)
+        if flat.size == 0:
+            return flat.reshape(a.shape)
+        out, miss = self._cache4.lookup(flat)
+        if miss.any():
+            new, inv = np.unique(flat[miss], return_inverse=True)
+            res = self._compute_v4(new)
+            out[miss] = res[inv]
+            self._cache4.insert(new, res)
+        return out.reshape(a.shape)
+
+    def anonymize_v6(self, addrs) -> np.ndarray:
+        """IPv6 addresses as an (n, 16) uint8 array (network byte order) → anonymized (n, 16)."""
+        a = np.ascontiguousarray(addrs, dtype=np.uint8)
+        if a.ndim != 2 or a.shape[1] != 16:
+            raise ValueError(f"IPv6 addresses must be an (n, 16) uint8 array, got {a.shape}")
+        if len(a) == 0:
+            return a.copy()
+        q = a.view(_V16).reshape(-1)
+        out, miss = self._cache6.lookup(q)
+        if miss.any():
+            new, inv = np.unique(q[miss], return_inverse=True)
+            new_u8 = new.view(np.uint8).reshape(-1, 16)
+            res = self._compute_v6(new_u8).view(_V16).reshape(-1)
+            out[miss] = res[inv]
+            self._cache6.insert(new, res)
+        return out.view(np.uint8).reshape(-1, 16)
+
+    def anonymize_str(self, text: str) -> str:
+        """One IPv4 or IPv6 address in text form → anonymized, in canonical text form."""
+        ip = ipaddress.ip_address(text.strip())
+        if ip.version == 4:
+            r = self.anonymize_v4(np.array([int(ip)], np.uint32))[0]
+            return str(ipaddress.IPv4Address(int(r)))
+        r = self.anonymize_v6(np.frombuffer(ip.packed, np.uint8).reshape(1, 16))[0]
+        return str(ipaddress.IPv6Address(r.tobytes()))
+
+    def cache_sizes(self) -> tuple[int, int]:
+        """(IPv4 entries, IPv6 entries) currently cached."""
+        return len(self._cache4), len(self._cache6)
+
+    def clear_cache(self) -> None:
+        self._cache4.clear()
+        self._cache6.clear()

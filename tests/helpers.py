@@ -1,0 +1,68 @@
+"""Shared test helpers: paths, running our programs as subprocesses, reading tool output."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "tests", "data")
+TRACES = sorted(glob.glob(os.path.join(DATA, "*.pcap")))
+
+
+def module_cmd(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run_module(module: str, *args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.update(kw.pop("env", {}))
+    proc = subprocess.run(module_cmd(module, *args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def run_capture(*args, **kw) -> subprocess.CompletedProcess:
+    return run_module("capture_daemon.cli", *args, **kw)
+
+
+def data_files(directory: str) -> list[str]:
+    """Complete data files in a spool: visible, not metadata, with a metadata record."""
+    names = sorted(os.listdir(directory))
+    return [os.path.join(directory, n) for n in names
+            if not n.startswith(".") and not n.endswith(".meta.json") and f"{n}.meta.json" in names]
+
+
+def metadata(path: str) -> dict:
+    with open(path + ".meta.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is not installed: run `make deps` (it is in .ci/apt-packages.txt)")
+    return path
+
+
+def tshark_fields(path: str, *fields, extra=()) -> list[list[str]]:
+    need_tool("tshark")
+    cmd = ["tshark", "-n", "-r", path, "-T", "fields", *extra]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def pcap_count(path: str) -> int:
+    need_tool("tcpdump")
+    out = subprocess.run(["tcpdump", "-n", "-r", path], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise AssertionError(f"tcpdump cannot read {path}: {out.stderr}")
+    return len(out.stdout.splitlines())
