@@ -160,7 +160,7 @@ def bench_path(path: int, tools: list, ctx: peers.Context, rounds: int, cpu: int
                 continue
             outdir = tempfile.mkdtemp(prefix=f"p{path}-", dir=ctx.workdir)
             argv = t.build(ctx, outdir)
-            row["command"] = argv
+            row["command"] = [a.replace(outdir, "OUT") for a in argv]
             res = run_once(argv, t.cwd, t.env, cpu)
             problem = None
             if res["rc"] != 0:
@@ -203,8 +203,13 @@ def cryptopan_path(args, log) -> dict:
                                   cwd=peers.REPO, env={**os.environ, "PYTHONPATH": peers.REPO}).stdout
     except subprocess.TimeoutExpired:
         helptext = ""
-    if args.quick and "--quick" in helptext:
-        argv.append("--quick")
+    if args.quick:
+        # A smoke run: the smallest sizes the script takes (flags it does not know are left out).
+        small = {"--quick": None, "--n4": "20000", "--n6": "5000", "--peer-n4": "300",
+                 "--peer-n6": "100", "--rounds": "1", "--packets-repeat": "1"}
+        for flag, val in small.items():
+            if flag in helptext:
+                argv += [flag] if val is None else [flag, val]
     log(f"path 5: {shlex.join(argv)}")
     p = subprocess.run(argv, capture_output=True, text=True, cwd=peers.REPO,
                        env={**os.environ, "PYTHONPATH": peers.REPO}, timeout=3600)

@@ -183,6 +183,7 @@ def test_run_quick_produces_table(workdir):
         assert row["pps_median"] > 0 and row["rss_mb"] > 0
         assert line.rstrip().endswith("| ok |")
         assert row["command"] and shlex_join(row["command"]) in table
+        assert "OUT" in shlex_join(row["command"]) or tool.path in (0, 4)
     # gims vs peer ratios exist exactly where both ran.
     for (path, name), row in rows.items():
         g = rows.get((path, "gims-capture"))
