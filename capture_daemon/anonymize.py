@@ -156,9 +156,8 @@ class Anonymizer:
         l3 = h.l3[idx]
         old = np.stack([h.src4[idx], h.dst4[idx]], axis=1)
         new = self.cp.anonymize_v4(old)
-        old_b, new_b = _be_bytes_u32(old), _be_bytes_u32(new)
-        buf[l3[:, None] + 12 + np.arange(8)] = new_b
-        old_sum, new_sum = ck.word_sum(old_b), ck.word_sum(new_b)
+        buf[l3[:, None] + 12 + np.arange(8)] = _be_bytes_u32(new)
+        old_sum, new_sum = ck.word_sum_u32(old), ck.word_sum_u32(new)
 
         # Options that carry addresses (rare: only headers longer than 20 bytes are looked at).
         ihl = (buf[l3] & 0x0F).astype(np.int64) * 4
@@ -180,7 +179,7 @@ class Anonymizer:
         hdr_whole = l3 + ihl <= e
         if self.recompute_whole and hdr_whole.any():
             # The fixed 20 bytes are always captured here (parse: ipver 4); options are rare.
-            hsum = ck.word_sum(buf[l3[:, None] + np.arange(20)])
+            hsum = ck.words_sum_at(buf, l3, 10)
             opt = np.flatnonzero(hdr_whole & (ihl > 20))
             if len(opt):
                 ob, _ = ck.gather(buf, l3[opt] + 20, l3[opt] + ihl[opt], 40)

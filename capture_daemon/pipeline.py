@@ -313,8 +313,8 @@ class Pipeline:
             "first_packet_time": utc_iso(of.first_packet), "last_packet_time": utc_iso(of.last_packet),
             "sampling": dict(self.sampler.describe(), packets_before=c["packets_observed"],
                              packets_after=c["packets_sampled"]),
-            "anonymization": self.anonymizer.describe() if self.anonymizer else
-                             {"scheme": None, "key_fingerprint": None},
+            "anonymization": dict(self.anonymizer.describe(), **self.anonymizer.counters())
+                             if self.anonymizer else {"scheme": None, "key_fingerprint": None},
             "packets_observed": c["packets_observed"], "bytes_observed": c["bytes_observed"],
             "packets_sampled": c["packets_sampled"], "bytes_sampled": c["bytes_sampled"],
             "packets_written": c["packets_written"],
