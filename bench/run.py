@@ -7,8 +7,10 @@
 
 For each path the tools run one after another on the same input, in an order rotated every
 round (so caches and background load hit everybody alike). Per tool: packets/s = packets in the
-trace / wall time, median over rounds; per peer: the median over rounds of the per-round ratio
-gims / peer (> 1 means gims is faster); peak RSS from wait4()'s rusage of that very child.
+trace / wall time, median over rounds, and packets per CPU-second (user + system time of the
+command and its children: on a shared machine wall time also counts the time others had the
+CPU); per peer: the median over rounds of the per-round ratio gims / peer (> 1 means gims is
+faster), for both; peak RSS of the command from GNU time.
 Each run is checked (exit status, and that the whole trace was processed) before it counts.
 Traces live under /var/tmp/gims-bench (never in the repository, never in /tmp).
 """
@@ -175,7 +177,7 @@ def bench_path(path: int, tools: list, ctx: peers.Context, rounds: int, cpu: int
                 continue
             pps = ctx.packets / res["wall"]
             row["runs"].append({"wall": res["wall"], "pps": pps, "rss_kb": res["rss_kb"],
-                                "cpu": res["cpu"]})
+                                "cpu": res["cpu"], "pps_cpu": ctx.packets / max(res["cpu"], 1e-6)})
             log(f"path {path} round {r + 1}: {t.name}: {pps / 1e6:.3f} Mpps, "
                 f"{res['wall']:.2f} s, RSS {res['rss_kb'] / 1024:.0f} MB")
     # Ratios: per round gims / peer, then the median.
@@ -184,10 +186,13 @@ def bench_path(path: int, tools: list, ctx: peers.Context, rounds: int, cpu: int
         ok = row["runs"] and not row["error"]
         row["pps_median"] = statistics.median(x["pps"] for x in row["runs"]) if ok else None
         row["rss_mb"] = max(x["rss_kb"] for x in row["runs"]) / 1024 if ok else None
-        row["ratio"] = None
+        row["pps_cpu_median"] = statistics.median(x["pps_cpu"] for x in row["runs"]) if ok else None
+        row["ratio"] = row["ratio_cpu"] = None
         if ok and gims is not None and not row["is_gims"]:
             pairs = [g["pps"] / p["pps"] for g, p in zip(gims["runs"], row["runs"])]
             row["ratio"] = statistics.median(pairs)
+            pairs = [g["pps_cpu"] / p["pps_cpu"] for g, p in zip(gims["runs"], row["runs"])]
+            row["ratio_cpu"] = statistics.median(pairs)
         row["target"] = TARGETS.get((path, row["tool"]))
     return rows
 
@@ -234,8 +239,9 @@ def render(result: dict) -> str:
                f"{tr['ipv6'] / tr['packets']:.1%} IPv6, {tr['vlan']} VLAN-tagged, "
                f"{tr['whole']} captured whole (snaplen {result['snaplen']}); {result['rounds']} round(s)")
     out.append("")
-    out.append("| path | tool | packets/s (median) | gims ÷ peer (median) | target | peak RSS | status |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| path | tool | packets/s (median) | gims ÷ peer (median) | packets per CPU-second "
+               "| gims ÷ peer, CPU | target | peak RSS | status |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         status = "ok"
         if row["skipped"]:
@@ -243,15 +249,17 @@ def render(result: dict) -> str:
         elif row["error"]:
             status = f"failed: {row['error']}"
         ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+        ratio_cpu = "—" if row.get("ratio_cpu") is None else f"{row['ratio_cpu']:.2f}×"
         target = "" if row["target"] is None else f"≥ {row['target']}×"
         rss = "—" if row["rss_mb"] is None else f"{row['rss_mb']:.0f} MB"
         out.append(f"| {row['path']} {PATH_TITLES[row['path']]} | {row['tool']} | {fmt_pps(row['pps_median'])} "
-                   f"| {ratio} | {target} | {rss} | {status} |")
+                   f"| {ratio} | {fmt_pps(row.get('pps_cpu_median'))} | {ratio_cpu} | {target} | {rss} "
+                   f"| {status} |")
     p7 = result.get("rss_flows")
     if p7:
         for peer, ratio in p7.items():
             out.append(f"| 7 {PATH_TITLES[7]} | gims-capture ÷ {peer} | — | "
-                       f"{'—' if ratio is None else f'{ratio:.2f}× RSS'} | ≤ 2× yaf | — | "
+                       f"{'—' if ratio is None else f'{ratio:.2f}× RSS'} | — | — | ≤ 2× yaf | — | "
                        f"{'ok' if ratio is not None else 'not measured'} |")
     out.append("")
     p5 = result.get("cryptopan")
