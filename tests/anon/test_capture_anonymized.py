@@ -40,7 +40,9 @@ def test_capture_cli_anonymizes_trace(tmp_path, name):
     trace = DATA / name
     out, _ = run_capture(trace, tmp_path / "out", key_file)
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
-    assert meta["anonymization"] == {"scheme": "cryptopan", "key_fingerprint": fingerprint(KEY)}
+    anon = meta["anonymization"]
+    assert anon["scheme"] == "cryptopan" and anon["key_fingerprint"] == fingerprint(KEY)
+    assert anon["packets_anonymized"] == meta["packets_written"] and anon["not_anonymized"] == 0
     assert KEY.hex() not in json.dumps(meta)
     bad_in, mal_in = problems(trace)
     bad_out, mal_out = problems(out)
