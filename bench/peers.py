@@ -218,6 +218,10 @@ def tools() -> list:
         Tool(0, "pcapy-ng next_batch", lambda ctx, o: [ctx.python, os.path.join(HERE, "peers.py"),
                                                        "pcapy-read", ctx.trace, os.path.join(o, "count")],
              verify=_pcapy_verify, note="read only, 65536 packets per batch, no processing"),
+        Tool(0, "gims OfflineSource", lambda ctx, o: [ctx.python, os.path.join(HERE, "peers.py"),
+                                                      "gims-read", ctx.trace, os.path.join(o, "count")],
+             verify=_pcapy_verify, cwd=REPO, env={"PYTHONPATH": REPO}, unavailable=gims_available(),
+             note="gims's batch source: next_batch + wire lengths from the savefile's record headers"),
         Tool(0, "tcpdump -w /dev/null", lambda ctx, o: ["tcpdump", "-r", ctx.trace, "-w", "/dev/null"],
              requires=["tcpdump"]),
         # 1: pcap -> Crypto-PAn anonymized pcap.
@@ -276,16 +280,36 @@ def pcapy_read(path: str) -> int:
     return n
 
 
+def gims_read(path: str) -> int:
+    """gims's own offline source (the next_batch wire-length workaround included), no processing."""
+    sys.path.insert(0, REPO)
+    from capture_daemon.source import open_source
+    src = open_source(read=path, interface=None)
+    n = wire = 0
+    try:
+        for b in src.batches():
+            if b is None:
+                continue
+            n += len(b)
+            wire += int(b.wirelen.sum())
+    finally:
+        src.close()
+    if wire <= 0:
+        raise SystemExit("gims-read: no wire lengths")
+    return n
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 2 and argv[0] == "pcapy-read":
-        n = pcapy_read(argv[1])
+    readers = {"pcapy-read": pcapy_read, "gims-read": gims_read}
+    if len(argv) >= 2 and argv[0] in readers:
+        n = readers[argv[0]](argv[1])
         if len(argv) >= 3:
             with open(argv[2], "w") as f:
                 f.write(str(n))
         print(n)
         return 0
-    print("usage: peers.py pcapy-read FILE [COUNT_FILE]", file=sys.stderr)
+    print("usage: peers.py pcapy-read|gims-read FILE [COUNT_FILE]", file=sys.stderr)
     return 2
 
 
