@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -197,6 +198,49 @@ def bench_path(path: int, tools: list, ctx: peers.Context, rounds: int, cpu: int
     return rows
 
 
+def summarize_pyspy(raw_path: str, top: int = 15) -> list:
+    """Inclusive and self shares per function from py-spy's raw (collapsed) output."""
+    import collections
+    import re
+    incl, self_ = collections.Counter(), collections.Counter()
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            n = int(n)
+            total += n
+            frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";")]
+            self_[frames[-1]] += n
+            for fr in set(frames):
+                incl[fr] += n
+    if not total:
+        return ["(no samples)"]
+    lines = [f"{total} samples; inclusive share, self share, function"]
+    shown = [(fr, n) for fr, n in incl.most_common()
+             if "<frozen" not in fr and not fr.startswith(("<module> (capture_daemon/cli.py", "main (capture_daemon/cli.py"))]
+    for fr, n in shown[:top]:
+        lines.append(f"{100 * n / total:5.1f} % {100 * self_[fr] / total:5.1f} %  {fr}")
+    return lines
+
+
+def profile_gims(path: int, tool, ctx: peers.Context, cpu: int | None, log) -> dict:
+    """One extra, untimed run of gims-capture under py-spy (sampling, --idle: waits show too)."""
+    pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.access(pyspy, os.X_OK):
+        return {"path": path, "lines": ["py-spy not installed (pip install py-spy)"]}
+    outdir = tempfile.mkdtemp(prefix=f"prof{path}-", dir=ctx.workdir)
+    raw = os.path.join(ctx.workdir, f"pyspy-path{path}.txt")
+    argv = [pyspy, "record", "--idle", "-r", "200", "-f", "raw", "-o", raw, "--"] + tool.build(ctx, outdir)
+    res = run_once(argv, tool.cwd, tool.env, cpu)
+    subprocess.run(["rm", "-rf", outdir], check=False)
+    if res["rc"] != 0 or not os.path.exists(raw):
+        return {"path": path, "lines": [f"py-spy run failed: {res['stderr'].strip()[-300:]}"]}
+    log(f"path {path}: profile written to {raw}")
+    return {"path": path, "raw": raw, "lines": summarize_pyspy(raw)}
+
+
 def cryptopan_path(args, log) -> dict:
     """Path 5 belongs to bench/bench_cryptopan.py (the crypto engineer's); run it when present."""
     script = os.path.join(HERE, "bench_cryptopan.py")
@@ -276,6 +320,12 @@ def render(result: dict) -> str:
     if p6:
         out.append(f"Path 6 ({PATH_TITLES[6]}):")
         out.extend(p6.get("lines", [f"skipped: {p6.get('error')}"]))
+    for prof in result.get("profiles", []):
+        out.append("")
+        out.append(f"Profile of gims-capture, path {prof['path']} (py-spy --idle):")
+        out.append("```")
+        out.extend(prof["lines"])
+        out.append("```")
     out.append("")
     out.append("Commands (one round; OUT is a fresh directory per run):")
     for row in result["rows"]:
@@ -298,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", type=int, default=1, help="pin every tool to this CPU (-1: no pinning)")
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rounds, run gims-capture once more under py-spy per path "
+                         "and print its hot spots (raw profiles stay in the workdir)")
     ap.add_argument("--live-rates", default="", help="path 6: comma-separated packets/s to offer")
     a = ap.parse_args(argv)
     size = a.size or (50_000 if a.quick else 5_000_000)
@@ -331,6 +384,9 @@ def main(argv=None) -> int:
             if path in (0, 1, 2, 3, 4):
                 result["rows"] += bench_path(path, [t for t in all_tools if t.path == path],
                                              ctx, rounds, cpu, log)
+                gims = next((t for t in all_tools if t.path == path and t.is_gims), None)
+                if a.profile and gims is not None and gims.check() is None:
+                    result.setdefault("profiles", []).append(profile_gims(path, gims, ctx, cpu, log))
             elif path == 5:
                 result["cryptopan"] = cryptopan_path(a, log)
             elif path == 6:
