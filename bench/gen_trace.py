@@ -300,7 +300,7 @@ def generate(path: str, packets: int, flows: int, seed: int, snaplen: int, durat
     rng = np.random.default_rng(seed)
     fl = Flows(rng, packets, flows, duration, v6_share)
     flow, pos, us = _packet_order(rng, fl, duration, start)
-    width = max(128, snaplen) + 8
+    width = max(128, min(snaplen, MAX_WIRE)) + 8     # no frame is longer than MAX_WIRE
     width += width % 2
     chunk = chunk or max(10_000, (256 << 20) // (width * 2))
     stats = {"packets": 0, "ipv6": 0, "vlan": 0, "tcp": 0, "udp": 0, "icmp": 0, "whole": 0,
