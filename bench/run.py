@@ -109,8 +109,10 @@ def run_once(argv: list, cwd: str | None, env_extra: dict, cpu: int | None) -> d
     out = tempfile.TemporaryFile()
     fd, rss_file = tempfile.mkstemp(prefix="rss-", suffix=".txt")
     os.close(fd)
-    wrapped = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file] + list(argv)
-    if cpu is not None:
+    has_time = os.access("/usr/bin/time", os.X_OK)
+    # Without GNU time (Debian package "time") RSS falls back to wait4's, an upper bound.
+    wrapped = (["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file] if has_time else []) + list(argv)
+    if cpu is not None and shutil.which("taskset"):
         wrapped = ["taskset", "-c", str(cpu)] + wrapped
     t0 = time.perf_counter()
     p = subprocess.Popen(wrapped, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -124,7 +126,7 @@ def run_once(argv: list, cwd: str | None, env_extra: dict, cpu: int | None) -> d
         with open(rss_file) as f:
             rss_kb = int(f.read().split()[-1])
     except (OSError, ValueError, IndexError):
-        rss_kb = 0
+        rss_kb = ru.ru_maxrss
     os.unlink(rss_file)
     return {"wall": wall, "rss_kb": rss_kb, "cpu": ru.ru_utime + ru.ru_stime,
             "rc": p.returncode, "stderr": text}
