@@ -387,7 +387,9 @@ def main(argv=None) -> int:
                 result["rows"] += bench_path(path, [t for t in all_tools if t.path == path],
                                              ctx, rounds, cpu, log)
                 gims = next((t for t in all_tools if t.path == path and t.is_gims), None)
-                if a.profile and gims is not None and gims.check() is None:
+                gims_ok = any(r["is_gims"] and r["path"] == path and r["runs"] and not r["error"]
+                              for r in result["rows"])
+                if a.profile and gims is not None and gims_ok:
                     result.setdefault("profiles", []).append(profile_gims(path, gims, ctx, cpu, log))
             elif path == 5:
                 result["cryptopan"] = cryptopan_path(a, log)
