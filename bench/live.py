@@ -127,7 +127,7 @@ def _replay(veth, pcap, pps, count):
             argv, out if p.returncode else "")
 
 
-def run(ctx, rates_arg: str, log) -> dict:
+def run(ctx, rates_arg: str, log, refine: int = 2) -> dict:
     """Step the offered rate up for each capturer; report the best clean step."""
     if os.geteuid() != 0:
         return {"error": "needs root (network namespaces)", "lines": ["skipped: needs root"]}
@@ -148,71 +148,102 @@ def run(ctx, rates_arg: str, log) -> dict:
     best = {name: None for name in capturers}
     steps = []
     commands = {}
+    first_loss = {name: None for name in capturers}
+
+    def step(veth, name, pps):
+        """One capture at one offered rate: (clean, achieved pps) or None if it did not start."""
+        count = max(10_000, int((pps or 1_000_000) * SEND_SECONDS))
+        outdir = tempfile.mkdtemp(prefix="live-", dir=ctx.workdir)
+        notify_path = os.path.join(outdir, ".notify")
+        nsock = None
+        if name == "gims-capture":
+            nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            nsock.bind(notify_path)
+            p, argv = _start_gims(ctx, veth.a, outdir, notify_path)
+            ready = _wait_notify(nsock, 15.0)
+        else:
+            p, argv = _start_tcpdump(veth.a, outdir)
+            time.sleep(1.0)            # tcpdump says "listening on" once the socket is bound
+            ready = p.poll() is None
+        commands[name] = [a.replace(outdir, "OUT") for a in argv]
+        if not ready or p.poll() is not None:
+            p.kill()
+            err = p.communicate()[1][-300:]
+            steps.append(f"{name}: did not start: {err.strip()}")
+            shutil.rmtree(outdir, ignore_errors=True)
+            if nsock:
+                nsock.close()
+            return None
+        sent, achieved, rargv, rerr = _replay(veth, full, pps, count)
+        commands["tcpreplay"] = rargv
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        if nsock:
+            nsock.close()
+        if name == "gims-capture":
+            captured, drops = _gims_result(p, outdir)
+        else:
+            captured, drops = _tcpdump_result(err)
+        shutil.rmtree(outdir, ignore_errors=True)
+        clean = (sent is not None and captured is not None and drops == 0 and captured >= sent)
+        steps.append(f"{name}: asked {pps or 'top speed'} pps, tcpreplay achieved "
+                     f"{achieved if achieved is not None else '?'} pps, sent {sent}, "
+                     f"captured {captured}, dropped {drops} -> {'clean' if clean else 'LOSS'}")
+        log(f"path 6: {steps[-1]}")
+        if rerr:
+            steps.append(f"tcpreplay: {rerr.strip()[-200:]}")
+        return clean, achieved
+
     with VethPair() as veth:
+        # The ladder: every capturer at each rate in turn, until its first lossy step.
         for pps in rates:
-            count = max(10_000, int((pps or 1_000_000) * SEND_SECONDS))
-            for name in list(capturers):
+            for name in capturers:
                 if capturers[name] == "stopped":
                     continue
-                outdir = tempfile.mkdtemp(prefix="live-", dir=ctx.workdir)
-                notify_path = os.path.join(outdir, ".notify")
-                nsock = None
-                if name == "gims-capture":
-                    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                    nsock.bind(notify_path)
-                    p, argv = _start_gims(ctx, veth.a, outdir, notify_path)
-                    ready = _wait_notify(nsock, 15.0)
-                else:
-                    p, argv = _start_tcpdump(veth.a, outdir)
-                    time.sleep(1.0)            # tcpdump says "listening on" once the socket is bound
-                    ready = p.poll() is None
-                commands[name] = argv
-                if not ready or p.poll() is not None:
-                    p.kill()
-                    err = p.communicate()[1][-300:]
-                    steps.append(f"{name}: did not start: {err.strip()}")
+                r = step(veth, name, pps)
+                if r is None:
                     capturers[name] = "stopped"
-                    shutil.rmtree(outdir, ignore_errors=True)
                     continue
-                sent, achieved, rargv, rerr = _replay(veth, full, pps, count)
-                commands["tcpreplay"] = rargv
-                time.sleep(1.0)
-                p.send_signal(signal.SIGINT)
-                try:
-                    _, err = p.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    _, err = p.communicate()
-                if nsock:
-                    nsock.close()
-                if name == "gims-capture":
-                    captured, drops = _gims_result(p, outdir)
-                else:
-                    captured, drops = _tcpdump_result(err)
-                shutil.rmtree(outdir, ignore_errors=True)
-                clean = (sent is not None and captured is not None and drops == 0
-                         and captured >= sent)
-                steps.append(f"{name}: asked {pps or 'top speed'} pps, tcpreplay achieved "
-                             f"{achieved if achieved is not None else '?'} pps, sent {sent}, "
-                             f"captured {captured}, dropped {drops} -> {'clean' if clean else 'LOSS'}")
-                log(f"path 6: {steps[-1]}")
-                if rerr:
-                    steps.append(f"tcpreplay: {rerr.strip()[-200:]}")
+                clean, achieved = r
                 if clean and achieved:
                     best[name] = max(best[name] or 0, achieved)
                 elif not clean:
-                    capturers[name] = "stopped"   # the step above this one only loses more
-    lines = ["| capturer | highest clean rate (achieved pps) |", "|---|---|"]
+                    capturers[name] = "stopped"   # the steps above this one only lose more
+                    first_loss[name] = achieved or pps
+        # Then narrow the bracket [highest clean, first lossy] by bisection.
+        for name in capturers:
+            for _ in range(refine):
+                lo, hi = best[name], first_loss[name]
+                if not lo or not hi or hi <= lo * 1.1:
+                    break
+                r = step(veth, name, int((lo + hi) / 2))
+                if r is None:
+                    break
+                clean, achieved = r
+                if clean and achieved:
+                    best[name] = max(best[name], achieved)
+                else:
+                    first_loss[name] = achieved or int((lo + hi) / 2)
+    lines = ["| capturer | highest clean rate (achieved pps) | lowest lossy rate |", "|---|---|---|"]
     for name, b in best.items():
-        lines.append(f"| {name} | {'none clean' if b is None else f'{b:,.0f}'} |")
+        fl = first_loss.get(name)
+        lines.append(f"| {name} | {'none clean' if b is None else f'{b:,.0f}'} | "
+                     f"{'none lossy up to the top step' if fl is None else f'{fl:,.0f}'} |")
     if why_no_gims:
         lines.append(f"| gims-capture | skipped: {why_no_gims} |")
     g, t = best.get("gims-capture"), best.get("tcpdump -w")
     if why_no_gims is None and t:
         g = g or 0.0
-        lines.append(f"\nratio gims / tcpdump: {g / t:.2f}× (target ≥ 1.0×); note: a capturer "
-                     "clean at the top step may go higher than measured")
+        lines.append(f"\nratio gims / tcpdump: {g / t:.2f}× (target ≥ 1.0×); a capturer with no "
+                     "lossy step may go higher than measured")
     lines.append("")
     lines += [f"- {s}" for s in steps]
     lines += [f"- command ({k}): `{' '.join(v)}`" for k, v in commands.items()]
-    return {"best": best, "steps": steps, "lines": lines}
+    lines.append("- every step: capturer started (gims: waits for READY=1 on NOTIFY_SOCKET), "
+                 f"tcpreplay sends max(10000, {SEND_SECONDS:g} s x rate) packets, 1 s pause, SIGINT")
+    return {"best": best, "first_loss": first_loss, "steps": steps, "lines": lines}
