@@ -353,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed rounds, run gims-capture once more under py-spy per path "
                          "and print its hot spots (raw profiles stay in the workdir)")
+    ap.add_argument("--live-buffer", type=int, default=None, metavar="BYTES",
+                    help="path 6: kernel capture buffer for both capturers (default: each one's own)")
     ap.add_argument("--live-rates", default="", help="path 6: comma-separated packets/s to offer")
     a = ap.parse_args(argv)
     size = a.size or (50_000 if a.quick else 5_000_000)
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
                 result["cryptopan"] = cryptopan_path(a, log)
             elif path == 6:
                 import live
-                result["live"] = live.run(ctx, a.live_rates, log)
+                result["live"] = live.run(ctx, a.live_rates, log, buffer_bytes=a.live_buffer)
     finally:
         sink.close()
     if 7 in paths:
