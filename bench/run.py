@@ -305,7 +305,8 @@ def render(result: dict) -> str:
     if p7:
         for peer, ratio in p7.items():
             out.append(f"| 7 {PATH_TITLES[7]} | gims-capture ÷ {peer} | — | "
-                       f"{'—' if ratio is None else f'{ratio:.2f}× RSS'} | — | — | ≤ 2× yaf | — | "
+                       f"{'—' if ratio is None else f'{ratio:.2f}× RSS'} | — | — | "
+                       f"{'≤ 2×' if peer == 'yaf' else ''} | — | "
                        f"{'ok' if ratio is not None else 'not measured'} |")
     out.append("")
     p5 = result.get("cryptopan")
