@@ -144,7 +144,7 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
         if not shutil.which(exe):
             return {"error": f"{exe} not installed", "lines": [f"skipped: {exe} not installed"]}
     rates = [int(x) for x in rates_arg.split(",") if x.strip()] if rates_arg else DEFAULT_RATES
-    full = os.path.join(ctx.workdir, "live-full-1514.pcap")
+    full = os.path.join(ctx.workdir, f"live-v{gen_trace.GENERATOR_VERSION}-full-1514.pcap")
     if not os.path.exists(full):
         tmp = full + f".{os.getpid()}.tmp"
         gen_trace.generate(tmp, LIVE_TRACE_PACKETS, LIVE_TRACE_PACKETS // 50, seed=3, snaplen=1514,

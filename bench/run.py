@@ -70,7 +70,7 @@ def machine() -> dict:
 def ensure_trace(workdir: str, packets: int, flows: int, seed: int, snaplen: int) -> tuple[str, dict]:
     """The trace for these parameters, generated once and reused (with its summary beside it)."""
     os.makedirs(workdir, exist_ok=True)
-    base = os.path.join(workdir, f"trace-{packets}-f{flows}-s{seed}-l{snaplen}")
+    base = os.path.join(workdir, f"trace-v{gen_trace.GENERATOR_VERSION}-{packets}-f{flows}-s{seed}-l{snaplen}")
     pcap, info = base + ".pcap", base + ".json"
     if os.path.exists(pcap) and os.path.exists(info):
         with open(info) as f:
