@@ -88,8 +88,8 @@ def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None):
         with open(conf, "w") as f:
             json.dump({"buffer_bytes": int(buffer_bytes)}, f)
         argv += ["--config", conf]
-    env = {**os.environ, "PYTHONPATH": peers.REPO, "NOTIFY_SOCKET": notify_path}
-    p = subprocess.Popen(["taskset", "-c", "1"] + argv, cwd=peers.REPO, env=env,
+    env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path}
+    p = subprocess.Popen(["taskset", "-c", "1"] + argv, cwd=peers.GIMS_REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return p, argv
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout whose gims-capture is measured (run.py --gims-repo: another branch's worktree).
+GIMS_REPO = os.environ.get("GIMS_BENCH_REPO") or REPO
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Where a yaf built from a fetched source lives (outside the repository, never committed).
@@ -128,7 +130,7 @@ class Tool:
 
 def gims_available() -> Optional[str]:
     """None when gims-capture's entry point exists in this checkout, else why not."""
-    if not os.path.exists(os.path.join(REPO, "capture_daemon", "cli.py")):
+    if not os.path.exists(os.path.join(GIMS_REPO, "capture_daemon", "cli.py")):
         return "gims-capture not built yet (capture_daemon/cli.py missing)"
     return None
 
@@ -156,8 +158,8 @@ def _gims(path: int, name: str, *extra: str, extra_fn=None) -> Tool:
     def build(ctx, outdir):
         more = list(extra) + (extra_fn(ctx) if extra_fn else [])
         return gims_argv(ctx, outdir, *more)
-    return Tool(path, name, build, is_gims=True, verify=gims_verify, cwd=REPO,
-                env={"PYTHONPATH": REPO}, unavailable=gims_available())
+    return Tool(path, name, build, is_gims=True, verify=gims_verify, cwd=GIMS_REPO,
+                env={"PYTHONPATH": GIMS_REPO}, unavailable=gims_available())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +222,8 @@ def tools() -> list:
              verify=_pcapy_verify, note="read only, 65536 packets per batch, no processing"),
         Tool(0, "gims OfflineSource", lambda ctx, o: [ctx.python, os.path.join(HERE, "peers.py"),
                                                       "gims-read", ctx.trace, os.path.join(o, "count")],
-             verify=_pcapy_verify, cwd=REPO, env={"PYTHONPATH": REPO}, unavailable=gims_available(),
+             verify=_pcapy_verify, cwd=GIMS_REPO, env={"PYTHONPATH": GIMS_REPO},
+             unavailable=gims_available(),
              note="gims's batch source: next_batch + wire lengths from the savefile's record headers"),
         Tool(0, "tcpdump -w /dev/null", lambda ctx, o: ["tcpdump", "-r", ctx.trace, "-w", "/dev/null"],
              requires=["tcpdump"]),
@@ -282,7 +285,7 @@ def pcapy_read(path: str) -> int:
 
 def gims_read(path: str) -> int:
     """gims's own offline source (the next_batch wire-length workaround included), no processing."""
-    sys.path.insert(0, REPO)
+    sys.path.insert(0, GIMS_REPO)
     from capture_daemon.source import open_source
     src = open_source(read=path, interface=None)
     n = wire = 0

@@ -269,6 +269,14 @@ def cryptopan_path(args, log) -> dict:
             (p.stderr.strip().splitlines() or ["failed"])[-1]}
 
 
+def _git_head(repo: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def fmt_pps(x):
     return "—" if x is None else f"{x / 1e6:.3f} M"
 
@@ -281,6 +289,7 @@ def render(result: dict) -> str:
     out.append(f"Machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; "
                f"pinned to CPU {result['cpu']}" if result["cpu"] is not None else
                f"Machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}")
+    out.append(f"gims-capture from {result['gims_repo']} at {result['gims_commit']}")
     out.append(f"Trace: {tr['packets']} packets, {tr['flows']} flows, "
                f"{tr['ipv6'] / tr['packets']:.1%} IPv6, {tr['vlan']} VLAN-tagged, "
                f"{tr['whole']} captured whole (snaplen {result['snaplen']}); {result['rounds']} round(s)")
@@ -350,6 +359,8 @@ def main(argv=None) -> int:
                     "(6, the live veth path, runs only when asked for: it needs root and netns)")
     ap.add_argument("--cpu", type=int, default=1, help="pin every tool to this CPU (-1: no pinning)")
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    ap.add_argument("--gims-repo", default=None, metavar="DIR",
+                    help="measure the gims-capture of another checkout (e.g. a branch's worktree)")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed rounds, run gims-capture once more under py-spy per path "
@@ -371,6 +382,13 @@ def main(argv=None) -> int:
         print("run.py: --size must be >= 2 and --rounds >= 1", file=sys.stderr)
         return 2
 
+    if a.gims_repo:
+        if not os.path.exists(os.path.join(a.gims_repo, "capture_daemon", "cli.py")):
+            print(f"run.py: --gims-repo {a.gims_repo!r}: no capture_daemon/cli.py there", file=sys.stderr)
+            return 2
+        peers.GIMS_REPO = os.path.abspath(a.gims_repo)
+        os.environ["GIMS_BENCH_REPO"] = peers.GIMS_REPO     # the peers.py gims-read subprocess too
+
     def log(msg):
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -382,6 +400,7 @@ def main(argv=None) -> int:
     ctx = peers.Context(trace=trace, packets=tinfo["packets"], workdir=a.workdir,
                         key_file=ensure_key(a.workdir), sink_port=sink.port)
     result = {"machine": machine(), "trace": tinfo, "trace_file": trace, "rounds": rounds,
+              "gims_repo": peers.GIMS_REPO, "gims_commit": _git_head(peers.GIMS_REPO),
               "snaplen": a.snaplen, "cpu": cpu, "rows": [], "started": time.time()}
     all_tools = peers.tools()
     try:
