@@ -154,6 +154,9 @@ def test_bad_arguments(workdir):
     p = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--paths", "one"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--paths" in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--gims-repo", workdir],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "no capture_daemon/cli.py" in p.stderr
 
 
 def test_run_quick_produces_table(workdir):
