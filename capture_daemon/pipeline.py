@@ -21,7 +21,7 @@ from .batch import Batch
 from .parse import parse
 from .source import PcapSource, libpcap_version
 from .recovery import recover_spool
-from .spool import OpenFile, Spool, SpoolFullError, utc_iso
+from .spool import OpenFile, Spool, SpoolGuard, is_space_error, utc_iso
 
 log = logging.getLogger("gims-capture")
 
@@ -45,7 +45,9 @@ class Pipeline:
         self.totals["packets_unwritten"] = 0
         self.stop_requested = False
         self.rotate_requested = False
-        self.spool_full = False
+        self.suspended: str | None = None  # "disk full" / "quota": counting, not writing
+        self.last_resume_check = 0.0
+        self.guard = SpoolGuard(settings.output_dir, settings.spool_quota_bytes)
         self.last_stats = 0.0
         self.last_status = 0.0
         self.now = None
@@ -62,6 +64,7 @@ class Pipeline:
     def run(self) -> dict:
         recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
         self.spool.files_written += len(recovered)
+        self.guard.ensure_reserve()
         if self.notifier:
             self.notifier.ready(self.status_line())
         try:
@@ -88,12 +91,18 @@ class Pipeline:
         n = len(batch)
         while start < n:
             t0 = float(times[start])
-            self._ensure_file(t0)
-            later = np.nonzero(times[start:] >= self.boundary)[0]
-            stop = start + int(later[0]) if len(later) else n
-            if stop == start:  # a packet at or past the boundary: rotate first
-                self._rotate(self.boundary, t0)
-                continue
+            if self.suspended:
+                self._try_resume(t0)
+            if self.current is None and not self.suspended:
+                self._open(t0)
+            if self.current is None:
+                stop = n  # writing is suspended: the rest is counted, not written
+            else:
+                later = np.nonzero(times[start:] >= self.boundary)[0]
+                stop = start + int(later[0]) if len(later) else n
+                if stop == start:  # a packet at or past the boundary: rotate first
+                    self._rotate(self.boundary, t0)
+                    continue
             self._process_segment(batch, start, stop)
             start = stop
         self.now = float(times[-1]) if self.now is None else max(self.now, float(times[-1]))
@@ -107,8 +116,9 @@ class Pipeline:
         self._count(of, "bytes_observed", bytes_obs)
         self.output.observe(seg.times, seg.wirelen)
         t = seg.times
-        of.first_packet = float(t[0]) if of.first_packet is None else of.first_packet
-        of.last_packet = float(t[-1])
+        if of is not None:
+            of.first_packet = float(t[0]) if of.first_packet is None else of.first_packet
+            of.last_packet = float(t[-1])
 
         keep = self.sampler.select(n_obs)
         sub = seg if keep is None else seg.take(keep)
@@ -116,6 +126,11 @@ class Pipeline:
             return
         self._count(of, "packets_sampled", len(sub))
         self._count(of, "bytes_sampled", int(sub.wirelen.sum()))
+        if of is None or self.guard.over_quota(self._bytes_out()):
+            if of is not None:
+                self._suspend("quota")
+            self.totals["packets_unwritten"] += len(sub)
+            return
         headers = parse(sub)
         self._count(of, "malformed_packets", int(np.count_nonzero(headers.malformed)))
         if self.anonymizer is not None:
@@ -124,20 +139,30 @@ class Pipeline:
         self._write(sub, headers)
 
     def _write(self, sub: Batch, headers) -> None:
-        """Hand packets to the output format, cutting files at --max-file-bytes.
+        """Hand packets to the output format, cutting files at --max-file-bytes and stopping
+        at the experiment's spool quota.
 
         Formats whose record sizes are known up front (pcap) are cut exactly; the others
-        rotate as soon as a file has reached the limit.
+        rotate as soon as a file has reached the limit (and meet the quota a batch late).
         """
         limit = self.s.max_file_bytes
+        quota = self.s.spool_quota_bytes
         sizes = getattr(self.output, "record_sizes", None)
-        while limit and sizes is not None and len(sub):
-            room = limit - self.current.file.size
-            fit = int(np.searchsorted(np.cumsum(sizes(sub)), room, side="right"))
-            if fit == 0 and self.current.counters["packets_written"] == 0:
-                fit = 1  # a record larger than the limit still goes into a file of its own
+        while (limit or quota) and sizes is not None and len(sub) and self.current is not None:
+            room_file = limit - self.current.file.size if limit else math.inf
+            room_quota = quota - self.guard.usage(self._bytes_out()) if quota else math.inf
+            cum = np.cumsum(sizes(sub))
+            fit = int(np.searchsorted(cum, min(room_file, room_quota), side="right"))
             if fit >= len(sub):
                 break
+            if room_quota <= room_file:  # the quota binds: write what fits, count the rest
+                if fit:
+                    self._emit(sub.take(np.arange(fit)), None)
+                self.totals["packets_unwritten"] += len(sub) - fit
+                self._suspend("quota")
+                return
+            if fit == 0 and self.current.counters["packets_written"] == 0:
+                fit = 1  # a record larger than the limit still goes into a file of its own
             if fit:
                 self._emit(sub.take(np.arange(fit)), None)
                 sub = sub.take(np.arange(fit, len(sub)))
@@ -146,34 +171,81 @@ class Pipeline:
             self._rotate(t, t)
         if len(sub):
             self._emit(sub, headers)
-        if limit and sizes is None and self.current.file.size >= limit:
+        if limit and sizes is None and self.current is not None and self.current.file.size >= limit:
             t = float(sub.times[-1])
             self._rotate(t, t)
 
+    def _bytes_out(self) -> int:
+        """Bytes this process put into the spool so far (committed files + the open one)."""
+        return self.spool.bytes_written + (self.current.file.size if self.current else 0)
+
     def _emit(self, part: Batch, headers) -> None:
-        if self.spool_full:
+        if self.current is None:
             self.totals["packets_unwritten"] += len(part)
             return
         try:
             self.output.add(part, headers, np.ones(len(part), dtype=bool))
-        except SpoolFullError:
-            self._spool_full(len(part))
-            return
         except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT from a buffered write
-                self._spool_full(len(part))
-                return
-            raise
+            if not is_space_error(exc):
+                raise
+            self.totals["packets_unwritten"] += len(part)
+            self._disk_full()
+            return
         self._count(self.current, "packets_written", len(part))
 
-    def _spool_full(self, lost: int) -> None:
-        self.spool_full = True
-        self.totals["packets_unwritten"] += lost
+    def _disk_full(self) -> None:
+        """The spool's file system is full: stop writing, keep the partial file for recovery.
+
+        The temp file stays where it is; once space returns, recovery cuts it at its last
+        whole record and gives it a metadata record marked recovered (capture_daemon.recovery).
+        """
+        of, self.current = self.current, None
+        if of is not None:
+            of.file.detach()
+            # what this file held is now unknown past the last whole record: recovery tells
+            self.totals["packets_written"] -= of.counters["packets_written"]
+            self.totals["packets_unwritten"] += of.counters["packets_written"]
+        self.suspended = "disk full"
+        self.guard.release_reserve()
         log.error("spool %s is full: packets are counted but not written until space returns",
                   self.s.output_dir)
 
-    def _count(self, of: OpenFile, name: str, value: int) -> None:
-        of.counters[name] += value
+    def _suspend(self, reason: str) -> None:
+        """Close the current file cleanly and stop writing (the per-experiment quota)."""
+        t = self.now if self.now is not None else time.time()
+        self._close_current(t, final=False)
+        if self.suspended is None:
+            self.suspended = reason
+            log.error("spool %s is over its quota of %d bytes: packets are counted but not "
+                      "written until uploads make room", self.s.output_dir, self.s.spool_quota_bytes)
+
+    def _try_resume(self, now: float) -> None:
+        wall = time.monotonic()
+        if wall - self.last_resume_check < 1.0:
+            return
+        self.last_resume_check = wall
+        if self.suspended == "disk full":
+            # Give the torn file its whole records and a metadata record first, so the
+            # uploader can ship it and free its space. This needs only a page or two; if
+            # even that fails, it is tried again a second later (recovery is idempotent).
+            try:
+                recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
+            except OSError as exc:
+                if not is_space_error(exc):
+                    raise
+                recovered = []
+            self.spool.files_written += len(recovered)
+            self.totals["packets_written"] += sum(_recovered_packets(p) for p in recovered)
+            self.totals["packets_unwritten"] -= sum(_recovered_packets(p) for p in recovered)
+        if not self.guard.can_resume(self.suspended):
+            return
+        log.info("spool %s has room again: writing resumes", self.s.output_dir)
+        self.suspended = None
+        self.guard.ensure_reserve()
+
+    def _count(self, of: OpenFile | None, name: str, value: int) -> None:
+        if of is not None:
+            of.counters[name] += value
         self.totals[name] += value
 
     # ------------------------------------------------------------------ files and rotation
@@ -183,17 +255,17 @@ class Pipeline:
             return math.inf
         return (math.floor(t / r) + 1) * r
 
-    def _ensure_file(self, t: float) -> None:
-        if self.current is None:
-            self._open(t)
-
     def _open(self, t: float) -> None:
+        if self.suspended:
+            return
         try:
             self.current = self.spool.open(t)
-        except SpoolFullError:
-            raise
-        self.boundary = self._interval_end(t)
-        self.output.start_file(self.current.file, t)
+            self.boundary = self._interval_end(t)
+            self.output.start_file(self.current.file, t)
+        except OSError as exc:
+            if not is_space_error(exc):
+                raise
+            self._disk_full()
 
     def _rotate(self, end_time: float, next_time: float) -> None:
         """Close the current file at end_time and open the next one for next_time.
@@ -207,7 +279,8 @@ class Pipeline:
         if r and next_time >= end_time + r:
             gap_end = math.floor(next_time / r) * r
             self._open(end_time)
-            self._close_current(gap_end, final=False)
+            if self.current is not None:
+                self._close_current(gap_end, final=False)
             self._open(gap_end)
         else:
             self._open(end_time if next_time >= end_time else next_time)
@@ -216,28 +289,33 @@ class Pipeline:
     def _close_current(self, end_time: float, final: bool) -> None:
         of = self.current
         if of is None:
-            if not (final and self.spool.files_written == 0):
+            if not (final and self.spool.files_written == 0 and not self.suspended):
                 return
             # A capture that saw nothing still leaves one valid, empty file behind.
             self._open(end_time)
             of = self.current
-        self.current = None
+            if of is None:
+                return
         end_time = max(end_time, of.last_packet or end_time, of.start_time)
-        extra = self.output.end_file(end_time, final)
-        meta = self._metadata(of, end_time, extra)
         try:
+            extra = self.output.end_file(end_time, final)
+            meta = self._metadata(of, end_time, extra)
             self.spool.commit(of, meta)
-        except SpoolFullError:
-            self._spool_full(of.counters["packets_written"])
+        except OSError as exc:
+            if not is_space_error(exc):
+                raise
+            self._disk_full()
             return
+        finally:
+            self.current = None
         log.info("wrote %s: %d packets observed, %d written, %d bytes",
                  of.name, of.counters["packets_observed"], of.counters["packets_written"], meta["size"])
-        if self.spool_full:
-            self.spool_full = False  # space came back: the next file gets written again
         self._write_status("running")
 
     def _advance(self, now: float) -> None:
         self.now = now if self.now is None else max(self.now, now)
+        if self.suspended:
+            self._try_resume(now)
         if self.current is None:
             self._open(now)
         elif now >= self.boundary:
@@ -269,7 +347,7 @@ class Pipeline:
     def counters(self) -> dict:
         recv, drop, ifdrop = self.source.stats()
         return dict(self.totals, files_written=self.spool.files_written, ps_recv=recv,
-                    ps_drop=drop, ps_ifdrop=ifdrop, spool_full=self.spool_full)
+                    ps_drop=drop, ps_ifdrop=ifdrop, writing_suspended=self.suspended)
 
     def status_line(self) -> str:
         c = self.counters()
@@ -279,6 +357,8 @@ class Pipeline:
         parts.append(f"malformed={c['malformed_packets']}")
         if c["packets_unwritten"]:
             parts.append(f"packets_unwritten={c['packets_unwritten']}")
+        if self.suspended:
+            parts.append(f"suspended={self.suspended.replace(' ', '_')}")
         return " ".join(parts)
 
     def _write_status(self, state: str) -> None:
@@ -330,3 +410,12 @@ class Pipeline:
         })
         meta.update(extra)
         return meta
+
+
+def _recovered_packets(path: str) -> int:
+    import json
+    try:
+        with open(path + ".meta.json", encoding="utf-8") as fh:
+            return int(json.load(fh).get("packets_written") or 0)
+    except (OSError, ValueError):
+        return 0

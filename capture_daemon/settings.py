@@ -44,6 +44,7 @@ class Settings:
     flow_idle_timeout: float = 300.0
     flow_active_timeout: float = 1800.0
     flow_max_flows: int = 1_000_000
+    spool_quota_bytes: int | None = None
     user_text: str = ""
     device_name: str = ""
     config_name: str = ""
@@ -83,6 +84,9 @@ class Settings:
         if self.max_file_bytes is not None and (not isinstance(self.max_file_bytes, int)
                                                 or self.max_file_bytes < 1024):
             raise SettingsError("max_file_bytes: must be an integer >= 1024")
+        if self.spool_quota_bytes is not None and (not isinstance(self.spool_quota_bytes, int)
+                                                   or self.spool_quota_bytes < 1 << 20):
+            raise SettingsError("spool_quota_bytes: must be an integer >= 1 MiB")
         if self.anon_key_hex is not None and self.anon_key_file is not None:
             raise SettingsError("give the anonymization key once: anon_key_hex or --anon-key-file")
         if self.anon_key_hex is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.anon_key_hex):

@@ -8,6 +8,7 @@ complete iff its metadata record exists (docs/ARCHITECTURE.md, "The spool").
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +41,13 @@ class HashingFile:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+
+    def detach(self) -> None:
+        """Stop writing but leave the temp file for recovery (its tail may be torn)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def abandon(self) -> None:
         try:
@@ -102,6 +110,7 @@ class Spool:
         self.prefix = f"{experiment}_{site}"
         self.ext = ext
         self.files_written = 0
+        self.bytes_written = 0  # bytes of the files committed by this process
         os.makedirs(directory, exist_ok=True)
 
     def _final_name(self, start_time: float) -> str:
@@ -137,6 +146,7 @@ class Spool:
             of.file.abandon()
             raise _classify(exc) from None
         self.files_written += 1
+        self.bytes_written += of.file.size
         return final
 
     def _place(self, of: OpenFile) -> str:
@@ -155,16 +165,124 @@ class Spool:
             os.unlink(of.file.path)
             return final
 
+    STATUS_BYTES = 4096
+
     def write_status(self, status: dict) -> None:
+        """Rewrite .gims-status.json in place, in one page-sized write.
+
+        The file is created once (atomically) at a fixed size and then overwritten in
+        place, so updates need no new blocks and keep working when the spool is full —
+        exactly when readers most need to see the counters.
+        """
+        data = json.dumps(dict(status, updated=utc_iso(time.time()), pid=os.getpid()),
+                          sort_keys=True).encode()
+        path = os.path.join(self.directory, ".gims-status.json")
         try:
-            write_json_atomic(os.path.join(self.directory, ".gims-status.json"),
-                              dict(status, updated=utc_iso(time.time()), pid=os.getpid()))
+            if len(data) >= self.STATUS_BYTES:
+                write_json_atomic(path, json.loads(data))
+                return
+            page = data.ljust(self.STATUS_BYTES - 1) + b"\n"
+            if getattr(self, "_status_fd", None) is None or not os.path.exists(path):
+                tmp = os.path.join(self.directory, f".gims-status.{os.getpid()}.tmp")
+                with open(tmp, "wb") as fh:
+                    fh.write(page)
+                os.replace(tmp, path)
+                self._status_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            else:
+                os.pwrite(self._status_fd, page, 0)
         except OSError:
-            pass  # status is best effort; a full disk is reported through metadata and STATUS=
+            pass  # best effort: STATUS= over sd_notify carries the same counters
+
+
+def is_space_error(exc: OSError) -> bool:
+    return isinstance(exc, SpoolFullError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class SpoolGuard:
+    """Watches the spool's space: the file system's free bytes and the experiment's quota."""
+
+    RESUME_FREE_BYTES = 4 << 20   # free space needed before writing resumes after ENOSPC
+    RESUME_QUOTA_FRACTION = 0.9   # hysteresis: resume once uploads got usage below 90 %
+    CHECK_EVERY = 1.0
+
+    def __init__(self, directory: str, quota: int | None):
+        self.directory = directory
+        self.quota = quota
+        self._usage = 0
+        self._checked = 0.0
+        self._written_at_check = 0
+
+    def usage(self, written: int = 0) -> int:
+        """Bytes of files in the spool (data, metadata, temp files).
+
+        The directory is re-read once a second; in between, what this process wrote since
+        (``written`` is its running total) is added, so a fast writer cannot overshoot.
+        """
+        now = time.monotonic()
+        if now - self._checked >= self.CHECK_EVERY:
+            self._checked = now
+            self._written_at_check = written
+            total = 0
+            try:
+                with os.scandir(self.directory) as it:
+                    for entry in it:
+                        try:
+                            if entry.is_file(follow_symlinks=False):
+                                total += entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            pass  # uploaded and removed while we looked
+            except FileNotFoundError:
+                pass
+            self._usage = total
+        return self._usage + (written - self._written_at_check)
+
+    def over_quota(self, written: int) -> bool:
+        return bool(self.quota) and self.usage(written) > self.quota
+
+    RESERVE_BYTES = 64 << 10
+    RESERVE_NAME = ".gims-reserve"
+
+    def ensure_reserve(self) -> None:
+        """Keep a little space set aside in the spool for the day it fills up.
+
+        When the file system is full, releasing it leaves room to give the torn file a
+        metadata record (recovery), so the uploader can ship it and free real space.
+        """
+        path = os.path.join(self.directory, self.RESERVE_NAME)
+        try:
+            if os.path.getsize(path) >= self.RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # no room for it now: tried again when writing resumes
+
+    def release_reserve(self) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, self.RESERVE_NAME))
+        except FileNotFoundError:
+            pass
+
+    def can_resume(self, reason: str | None) -> bool:
+        if reason == "quota":
+            self._checked = 0.0
+            return self.usage() <= self.quota * self.RESUME_QUOTA_FRACTION
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return False
+        # a quarter of a small file system is enough to be worth trying again
+        need = min(self.RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 4)
+        return st.f_bavail * st.f_frsize >= need
 
 
 def _classify(exc: OSError) -> OSError:
-    import errno
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFullError(exc.errno, f"spool full: {exc.strerror}")
     return exc

@@ -518,6 +518,7 @@ def to_capture_settings(spec: dict[str, Any], config: Config) -> dict[str, Any]:
         "user_text": spec.get("user_text") or "",
         "device_name": spec.get("device_name") or "",
         "config_name": spec.get("config_name") or "",
+        "spool_quota_bytes": config.spool_quota_bytes,
     }
 
 

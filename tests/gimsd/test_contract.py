@@ -69,7 +69,7 @@ def test_original_am_call_sequence(node):
         "sample": "everyN:10", "anon_key_hex": ANON_KEY, "aggregate": "pcap", "counts_interval": 1,
         "rollover_seconds": 120, "max_file_bytes": None, "stats_interval": 30, "ipfix_export": None,
         "flow_idle_timeout": 300, "flow_active_timeout": 1800, "user_text": "hello from the AM",
-        "device_name": "node7", "config_name": "cfg-a"}
+        "device_name": "node7", "config_name": "cfg-a", "spool_quota_bytes": node.cfg.spool_quota_bytes}
     storage = json.loads((d / "storage.json").read_text())
     assert storage["experiment"] == exp and storage["storagetype"] == "local"
     assert storage["storageparams"] == {"local_storage_dir": str(node.root / "srv" / "exp")}
