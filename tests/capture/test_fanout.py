@@ -1,0 +1,204 @@
+"""Multi-core live capture: --workers N shares one interface through a PACKET_FANOUT group.
+
+Real parts only: a veth pair with one end in a network namespace, UDP traffic of many flows
+sent from inside it, gims-capture --workers 2 capturing on the host end, SIGTERM, and the
+files read back byte by byte (every packet carries its sequence number in its payload).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, run_capture
+
+PAYLOAD_RE = re.compile(rb"gims-fanout-(\d{7})")
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+@pytest.fixture
+def veth():
+    """(host end, namespace) of a fresh veth pair, 10.203.0.1 (host) <-> 10.203.0.2 (ns)."""
+    if os.geteuid() != 0:
+        pytest.fail("live capture tests need root (network namespaces); CI runs as root")
+    tag = f"{os.getpid() % 100000}"
+    ns, host, peer = f"gfan{tag}", f"gfan{tag}h", f"gfan{tag}p"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "addr", "add", "10.203.0.1/24", "dev", host)
+        sh("ip", "link", "set", host, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "10.203.0.2/24", "dev", peer)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield host, ns
+    finally:
+        sh("ip", "link", "del", host, check=False)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+# n packets round-robin over `flows` UDP sockets (one source port each), numbered 0..n-1.
+SENDER = r"""
+import socket, sys, time
+n, flows = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(flows)]
+for i in range(n):
+    socks[i % flows].sendto(b"gims-fanout-%07d" % i, ("10.203.0.1", 9999))
+    if i % 20 == 19:
+        time.sleep(0.002)
+"""
+
+
+def start_workers(out, iface, notify_path, *extra):
+    env = dict(os.environ, PYTHONPATH=REPO, NOTIFY_SOCKET=notify_path)
+    return subprocess.Popen(module_cmd("capture_daemon.cli", "--interface", iface, "--output-dir", out,
+                                       "--experiment", "fan", "--site", "veth", "--snaplen", "256",
+                                       "--filter", "udp and dst port 9999", "--workers", "2",
+                                       *extra),
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(sock, proc, timeout=30.0) -> list[str]:
+    """Notifications received until READY=1 (AssertionError if it never comes)."""
+    seen = []
+    sock.settimeout(0.2)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            msg = sock.recv(4096).decode()
+        except socket.timeout:
+            assert proc.poll() is None, f"capture exited early: {proc.stderr.read()}"
+            continue
+        seen.append(msg)
+        if "READY=1" in msg.split("\n"):
+            return seen
+    proc.kill()
+    raise AssertionError(f"no READY=1 within {timeout}s: {seen} {proc.stderr.read()}")
+
+
+def pcap_packets(path):
+    """[(UDP source port, sequence number)] of our test packets in a pcap file."""
+    data = open(path, "rb").read()
+    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
+    pos, out = 24, []
+    while pos < len(data):
+        _, _, caplen, _ = struct.unpack_from("<IIII", data, pos)
+        pkt = data[pos + 16:pos + 16 + caplen]
+        pos += 16 + caplen
+        ihl = (pkt[14] & 0x0F) * 4  # Ethernet, IPv4 (the filter admits only UDP to :9999)
+        sport = struct.unpack_from("!H", pkt, 14 + ihl)[0]
+        m = PAYLOAD_RE.search(pkt)
+        assert m, f"foreign packet in {path}"
+        out.append((sport, int(m.group(1))))
+    return out
+
+
+@pytest.mark.integration
+def test_two_workers_capture_every_packet_once(tmp_path, veth):
+    host, ns = veth
+    out = str(tmp_path / "spool")
+    notify_path = str(tmp_path / "notify")
+    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    nsock.bind(notify_path)
+    proc = start_workers(out, host, notify_path, "--rollover", "2")
+    try:
+        wait_ready(nsock, proc)  # READY=1 means every worker's handle is in the group
+        n, flows = 6000, 64
+        sh("ip", "netns", "exec", ns, "python3", "-c", SENDER, str(n), str(flows))
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    statuses = []
+    nsock.settimeout(0.1)
+    try:
+        while True:
+            statuses += [l for l in nsock.recv(4096).decode().split("\n") if l.startswith("STATUS=")]
+    except socket.timeout:
+        pass
+    nsock.close()
+
+    files = data_files(out)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    seqs, worker_of_port, per_worker = [], {}, {0: 0, 1: 0}
+    for f in files:
+        meta = metadata(f)
+        fan = meta["fanout"]
+        assert {k: fan[k] for k in ("workers", "mode")} == {"workers": 2, "mode": "hash"}
+        assert fan["worker"] in (0, 1) and isinstance(fan["group"], int)
+        pkts = pcap_packets(f)
+        assert len(pkts) == meta["packets_written"] == pcap_count(f)
+        per_worker[fan["worker"]] += len(pkts)
+        for sport, seq in pkts:
+            seqs.append(seq)
+            # PACKET_FANOUT_HASH: a flow never changes worker
+            assert worker_of_port.setdefault(sport, fan["worker"]) == fan["worker"]
+    assert len({metadata(f)["fanout"]["group"] for f in files}) == 1
+    # The union holds exactly the n packets: none lost, none twice.
+    assert len(seqs) == n, f"{len(seqs)} captured, {len(set(seqs))} distinct, of {n}"
+    assert sorted(seqs) == list(range(n))
+    assert per_worker[0] > 0 and per_worker[1] > 0, per_worker
+    assert len(worker_of_port) == flows
+
+    # One status file, with the sum over workers.
+    status = json.load(open(os.path.join(out, ".gims-status.json")))
+    assert status["state"] == "stopped" and status["workers"] == 2
+    assert status["packets_written"] == status["packets_observed"] == n
+    assert status["files_written"] == len(files)
+    assert status["pid"] == proc.pid
+    assert any(f"packets_written={n} " in s for s in statuses), statuses[-3:]
+
+
+@pytest.mark.integration
+def test_a_dead_worker_stops_the_capture(tmp_path, veth):
+    """SIGKILL one worker: the supervisor stops the other one cleanly and exits 1."""
+    host, _ = veth
+    out = str(tmp_path / "spool")
+    notify_path = str(tmp_path / "notify")
+    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    nsock.bind(notify_path)
+    proc = start_workers(out, host, notify_path)
+    try:
+        wait_ready(nsock, proc)
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        workers = [int(c) for c in children
+                   if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert len(workers) >= 2, children
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+    finally:
+        nsock.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert "worker" in proc.stderr.read()
+    # the survivor finished its file with metadata; nothing half-written is visible
+    visible = [n for n in os.listdir(out) if not n.startswith(".") and not n.endswith(".meta.json")]
+    assert visible and len(data_files(out)) == len(visible)
+
+
+def test_workers_with_read_is_a_usage_error(tmp_path):
+    trace = tmp_path / "x.pcap"
+    trace.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    r = run_capture("--workers", "2", "--read", str(trace), "--output-dir", str(tmp_path / "o"),
+                    check=False)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--workers" in r.stderr and "--read" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_workers_must_be_positive(tmp_path):
+    r = run_capture("--workers", "0", "--interface", "lo", "--output-dir", str(tmp_path / "o"),
+                    check=False)
+    assert r.returncode == 2 and "--workers" in r.stderr and r.stderr.count("\n") == 1
