@@ -123,8 +123,6 @@ def supervise(settings, verbose: bool = False) -> int:
         p.start()
         send_end.close()
         workers.append(_Worker(i, p, recv_end))
-    log_.info("capturing on %s with %d workers in PACKET_FANOUT group %d (hash)",
-              settings.interface, n, group)
 
     notifier = Notifier()
     announced_ready = False
@@ -175,13 +173,16 @@ def supervise(settings, verbose: bool = False) -> int:
             if w.process.exitcode is not None and w.process.exitcode != 0 and not stopping:
                 # One worker gone: stop the others and fail, rather than capture short-handed.
                 stopping = failed_early = True
-                reason = w.error or f"exit status {w.process.exitcode}"
-                log_.error("worker %d stopped (%s): stopping the capture", w.index, reason)
+                if not (w.error and w.process.exitcode == 2):  # a usage error: said once, below
+                    reason = w.error or f"exit status {w.process.exitcode}"
+                    log_.error("worker %d stopped (%s): stopping the capture", w.index, reason)
                 stop_all()
         if not announced_ready and all(w.ready for w in workers):
             announced_ready = True
             notifier.ready(status_line(totals()))
             write_status("running")
+            log_.info("capturing on %s with %d workers in PACKET_FANOUT group %d (hash)",
+                      settings.interface, n, group)
         now = time.monotonic()
         if announced_ready and now - last_status >= 1.0:
             last_status = now
@@ -198,12 +199,12 @@ def supervise(settings, verbose: bool = False) -> int:
     t = totals()
     codes = [w.process.exitcode for w in workers]
     errors = [w.error for w in workers if w.error]
-    log_.info("done: %d packets observed, %d sampled, %d written, %d files (%d workers, exit %s)",
-              t["packets_observed"], t["packets_sampled"], t["packets_written"],
-              t["files_written"], n, codes)
     if errors and any(c == 2 for c in codes):
         sys.stderr.write(f"gims-capture: {errors[0]}\n")
         return 2
+    log_.info("done: %d packets observed, %d sampled, %d written, %d files (%d workers, exit %s)",
+              t["packets_observed"], t["packets_sampled"], t["packets_written"],
+              t["files_written"], n, codes)
     if failed_early or any(c != 0 for c in codes):
         return 1
     return 0

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, run_capture
@@ -202,3 +203,27 @@ def test_workers_must_be_positive(tmp_path):
     r = run_capture("--workers", "0", "--interface", "lo", "--output-dir", str(tmp_path / "o"),
                     check=False)
     assert r.returncode == 2 and "--workers" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_bad_filter_with_workers_is_one_line_exit_2(tmp_path, veth):
+    host, _ = veth
+    r = run_capture("--workers", "2", "--interface", host, "--filter", "not a ((filter",
+                    "--output-dir", str(tmp_path / "o"), check=False, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "does not compile" in r.stderr, r.stderr
+
+
+def test_samplers_per_worker():
+    from capture_daemon.sampling import parse_sample_spec
+    every = parse_sample_spec("everyN:10")
+    assert every.for_worker(0, 1) is every  # one worker: exactly as configured
+    w = every.for_worker(1, 2)
+    assert w.describe()["exact"] is False and w.describe()["n"] == 10
+    assert len(w.select(100)) == 10  # every 10th of this worker's own share
+    uni = parse_sample_spec("uniform:0.5:42")
+    a, b = uni.for_worker(0, 2), uni.for_worker(1, 2)
+    assert a.describe()["worker_seed"] == [42, 0] and b.describe()["worker_seed"] == [42, 1]
+    sel_a, sel_b = a.select(1000), b.select(1000)
+    assert not np.array_equal(sel_a, sel_b)  # different streams per worker
+    assert np.array_equal(parse_sample_spec("uniform:0.5:42").for_worker(0, 2).select(1000), sel_a)
