@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -187,6 +188,68 @@ def test_a_dead_worker_stops_the_capture(tmp_path, veth):
     # the survivor finished its file with metadata; nothing half-written is visible
     visible = [n for n in os.listdir(out) if not n.startswith(".") and not n.endswith(".meta.json")]
     assert visible and len(data_files(out)) == len(visible)
+
+
+ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.203.0.1", 9999))
+s.settimeout(float(sys.argv[1]))
+try:
+    while True:
+        data, peer = s.recvfrom(100)
+        s.sendto(data, peer)
+except socket.timeout:
+    pass
+"""
+
+# one socket (one flow) per request, each waiting for its echo
+ASKER = r"""
+import socket, sys
+for i in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.sendto(b"gims-fanout-%07d" % i, ("10.203.0.1", 9999))
+    s.recv(100)
+    s.close()
+"""
+
+
+@pytest.mark.integration
+def test_both_directions_of_a_flow_go_to_one_worker(tmp_path, veth):
+    """The metadata says "symmetric": true; requests and their echoes share a worker."""
+    host, ns = veth
+    out = str(tmp_path / "spool")
+    notify_path = str(tmp_path / "notify")
+    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    nsock.bind(notify_path)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, "20"])
+    proc = subprocess.Popen(module_cmd("capture_daemon.cli", "--interface", host, "--output-dir", out,
+                                       "--experiment", "sym", "--snaplen", "256", "--filter",
+                                       "udp port 9999", "--workers", "2"),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, NOTIFY_SOCKET=notify_path),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(nsock, proc)
+        n = 100
+        sh("ip", "netns", "exec", ns, "python3", "-c", ASKER, str(n))
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        nsock.close()
+        echo.kill()
+        echo.wait()
+        if proc.poll() is None:
+            proc.kill()
+    worker_of_seq = {}
+    for f in data_files(out):
+        w = metadata(f)["fanout"]["worker"]
+        for _, seq in pcap_packets(f):
+            worker_of_seq.setdefault(seq, set()).add(w)
+    assert sorted(worker_of_seq) == list(range(n))  # every request and echo was captured
+    assert all(len(ws) == 1 for ws in worker_of_seq.values()), worker_of_seq
+    assert {w for ws in worker_of_seq.values() for w in ws} == {0, 1}
 
 
 def test_workers_with_read_is_a_usage_error(tmp_path):
