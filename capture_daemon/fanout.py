@@ -45,6 +45,16 @@ from .pipeline import COUNTER_NAMES, status_line
 log = logging.getLogger("gims-capture")
 
 REPORT_STALE_SECONDS = 5.0  # a worker silent this long is not "progressing": no WATCHDOG=1
+
+
+def stale_after() -> float:
+    """Seconds of silence after which a worker counts as stuck (it reports about every second).
+
+    Under a watchdog, half its period (at least 2 s), so a stuck worker starves the watchdog
+    well before systemd's deadline would be met by the supervisor's own pings.
+    """
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    return max(2.0, usec / 2e6) if usec else REPORT_STALE_SECONDS
 SUMMED = COUNTER_NAMES + ("packets_unwritten", "files_written", "ps_recv", "ps_drop", "ps_ifdrop")
 PR_SET_PDEATHSIG = 1
 
@@ -125,6 +135,7 @@ def supervise(settings, verbose: bool = False) -> int:
         workers.append(_Worker(i, p, recv_end))
 
     notifier = Notifier()
+    stale = stale_after()
     announced_ready = False
     stopping = False
     failed_early = False
@@ -189,7 +200,7 @@ def supervise(settings, verbose: bool = False) -> int:
             notifier.status(status_line(totals()))
             write_status("running")
         if announced_ready and not stopping and all(
-                w.process.exitcode is None and now - w.last_report < REPORT_STALE_SECONDS
+                w.process.exitcode is None and now - w.last_report < stale
                 for w in workers):
             notifier.watchdog()
     for w in workers:

@@ -252,6 +252,54 @@ def test_both_directions_of_a_flow_go_to_one_worker(tmp_path, veth):
     assert {w for ws in worker_of_seq.values() for w in ws} == {0, 1}
 
 
+def notifications(sock, seconds) -> list[str]:
+    lines, end = [], time.monotonic() + seconds
+    sock.settimeout(0.1)
+    while time.monotonic() < end:
+        try:
+            lines += sock.recv(4096).decode().split("\n")
+        except socket.timeout:
+            pass
+    return lines
+
+
+@pytest.mark.integration
+def test_watchdog_only_while_every_worker_progresses(tmp_path, veth):
+    """A stopped (SIGSTOP) worker starves the watchdog; it resumes when the worker does."""
+    host, _ = veth
+    out = str(tmp_path / "spool")
+    notify_path = str(tmp_path / "notify")
+    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    nsock.bind(notify_path)
+    env = dict(os.environ, PYTHONPATH=REPO, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="3000000")
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen(module_cmd("capture_daemon.cli", "--interface", host, "--output-dir", out,
+                                       "--workers", "2"),
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        wait_ready(nsock, proc)
+        assert "WATCHDOG=1" in notifications(nsock, 2.5)
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        worker = next(int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read())
+        os.kill(worker, signal.SIGSTOP)
+        notifications(nsock, 2.5)  # pings sent before the worker counted as stuck (2 s)
+        assert "WATCHDOG=1" not in notifications(nsock, 2.0)
+        os.kill(worker, signal.SIGCONT)
+        assert "WATCHDOG=1" in notifications(nsock, 3.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        nsock.close()
+        if worker:
+            try:
+                os.kill(worker, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_workers_with_read_is_a_usage_error(tmp_path):
     trace = tmp_path / "x.pcap"
     trace.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
