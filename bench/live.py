@@ -268,7 +268,7 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
                     best[name] = max(best[name], achieved)
                 else:
                     first_loss[name] = achieved or int((lo + hi) / 2)
-    lines = [f"kernel capture buffer: {'each capturer default (gims 1 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}",
+    lines = [f"kernel capture buffer: {'each capturer default (gims 32 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}",
              "", "| capturer | highest clean rate (achieved pps) | lowest lossy rate |", "|---|---|---|"]
     for name, b in best.items():
         fl = first_loss.get(name)
