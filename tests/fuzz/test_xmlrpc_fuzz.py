@@ -448,7 +448,7 @@ def test_thousands_of_hostile_requests(node, tmp_path):
 
     common = dict(deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck))
 
-    @settings(max_examples=1100, **common)
+    @settings(max_examples=1900, **common)
     @given(call=typed_calls())
     def typed(call):
         method, args = call
@@ -458,7 +458,7 @@ def test_thousands_of_hostile_requests(node, tmp_path):
             return
         fz.run(*_http_request(body=body), f"{method}{args!r}"[:300])
 
-    @settings(max_examples=300, **common)
+    @settings(max_examples=500, **common)
     @given(body=raw_bodies())
     def raw(body):
         fz.run(*_http_request(body=body), f"raw {body[:200]!r}")
@@ -496,18 +496,24 @@ def test_thousands_of_hostile_requests(node, tmp_path):
     elapsed = time.monotonic() - t0
     marked_after = _marked_names(*watched)
     new_files = _tree(tmp_path) - tree_before
+    srv = os.path.relpath(node.root / "srv", tmp_path) + os.sep
     outside = sorted(f for f in new_files
                      if not (f.startswith(os.path.relpath(node.cfg.state_dir, tmp_path) + os.sep)
                              or f.startswith(os.path.relpath(node.cfg.spool_dir, tmp_path) + os.sep)
                              or f in (os.path.relpath(node.cfg.state_dir, tmp_path),
-                                      os.path.relpath(node.cfg.spool_dir, tmp_path))))
+                                      os.path.relpath(node.cfg.spool_dir, tmp_path))
+                             # testExperimentStorage's probe of the local storage root an experiment
+                             # was configured with: a directory may stay, the probe file may not
+                             or (f.startswith(srv) and (tmp_path / f).is_dir())))
     log_text = node.logs.text()
-    figures = dict(fz.figures, seconds=round(elapsed, 1), files_outside=len(outside),
+    figures = dict(fz.figures, hostile_requests=fz.figures["requests"] - fz.figures["state_checks"],
+                   seconds=round(elapsed, 1), files_outside=len(outside),
                    stray_marked_files=len(marked_after - marked_before),
                    internal_errors_logged=log_text.lower().count("internal error"),
                    secrets_logged=sum(log_text.count(s) for s in KEYS + [SECRET]))
     (tmp_path / "xmlrpc_fuzz_figures.json").write_text(json.dumps(figures, indent=1))
-    print(f"\nXML-RPC fuzz: {figures['requests']} requests in {elapsed:.1f} s: {figures['faults']} faults, "
+    print(f"\nXML-RPC fuzz: {figures['hostile_requests']} hostile requests (+ {figures['state_checks']} "
+          f"getState checks) in {elapsed:.1f} s: {figures['faults']} faults, "
           f"{figures['http_refusals']} HTTP refusals, {figures['answers']} answers, "
           f"{figures['units_started']} units started, crashes = {figures['crashes']}; "
           f"figures in {tmp_path / 'xmlrpc_fuzz_figures.json'}")
@@ -515,7 +521,7 @@ def test_thousands_of_hostile_requests(node, tmp_path):
     saved = json.loads((tmp_path / "xmlrpc_fuzz_figures.json").read_text())
     assert fz.problems == [], "\n".join(fz.problems[:20])
     assert saved["crashes"] == 0
-    assert saved["requests"] >= MIN_REQUESTS, saved
+    assert saved["hostile_requests"] >= MIN_REQUESTS, saved
     assert saved["faults"] >= MIN_REQUESTS // 4 and saved["http_refusals"] >= len(TRANSPORT_ABUSE), saved
     assert saved["started_specs_checked"] >= 5, saved  # the start path was really exercised
     assert saved["files_outside"] == 0, outside
