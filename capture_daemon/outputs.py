@@ -19,6 +19,7 @@ import struct
 import numpy as np
 
 from .batch import Batch
+from .parse import DLT_RAW_BSD, DLT_RAW_OBSD, LINKTYPE_RAW
 
 PCAP_GLOBAL_HEADER = struct.Struct("<IHHiIII")
 PCAP_MAGIC_USEC = 0xA1B2C3D4
@@ -52,13 +53,19 @@ def pcap_records(batch: Batch) -> np.ndarray:
     return out
 
 
+# libpcap reports raw IP as DLT_RAW, which is 12 on most systems and 14 on OpenBSD; a savefile
+# must say LINKTYPE_RAW (101) instead, as libpcap's own pcap_dump does: 14 in a file header is
+# "unknown data link type" to every reader off OpenBSD (tcpdump refused our file).
+SAVEFILE_LINKTYPES = {DLT_RAW_BSD: LINKTYPE_RAW, DLT_RAW_OBSD: LINKTYPE_RAW}
+
+
 class PcapOutput:
     ext = "pcap"
     data_type = "pcap"
     needs_headers = False
 
     def __init__(self, linktype: int, snaplen: int):
-        self.linktype = linktype
+        self.linktype = SAVEFILE_LINKTYPES.get(linktype, linktype)
         self.snaplen = snaplen
         self.f = None
 
