@@ -27,7 +27,7 @@ from tests.anon.pcapio import read_pcap
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 LINKTYPES = (DLT_EN10MB, DLT_LINUX_SLL, DLT_LINUX_SLL2, LINKTYPE_RAW, DLT_RAW_BSD, DLT_RAW_OBSD, DLT_IPV4,
              DLT_IPV6, DLT_NULL, DLT_LOOP)
-SEED_CAP = 600  # seeds are cut here (a generous snaplen): keeps batches small, wirelen keeps the truth
+SEED_CAP = 9216  # seeds longer than a jumbo frame are cut here (wirelen keeps the truth)
 # bytes worth writing into headers: versions/IHLs, protocol numbers, ethertype halves, TPIDs, 0/ff
 INTERESTING = np.array([0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x08, 0x0B, 0x11, 0x14, 0x28, 0x2B, 0x2C,
                         0x32, 0x33, 0x3A, 0x3B, 0x3C, 0x40, 0x41, 0x45, 0x46, 0x4F, 0x5F, 0x60, 0x6F, 0x7F,
@@ -95,6 +95,13 @@ def _variants(eth_packets: list[bytes], rng: np.random.Generator) -> list[bytes]
                                       options=rng.bytes(40))))
     for _ in range(100):  # ARP and other ethertypes with garbage
         out.append(_eth(int(rng.choice([0x0806, 0x8035, 0x88CC, 0x0000, 0xFFFF])), rng.bytes(int(rng.integers(0, 60)))))
+    for _ in range(40):  # jumbo frames, IPv6 jumbograms (payload length 0 + hop-by-hop jumbo option)
+        payload = rng.bytes(int(rng.integers(1500, 9000)))
+        if rng.random() < 0.5:
+            out.append(_eth(0x0800, _ipv4(17, struct.pack("!HHHH", 53, 53, (8 + len(payload)) & 0xFFFF, 0) + payload)))
+        else:
+            hbh = bytes([17, 0, 0xC2, 4]) + struct.pack("!I", 48 + len(payload))
+            out.append(_eth(0x86DD, _ipv6(0, hbh + struct.pack("!HHHH", 53, 53, 0, 0) + payload, plen=0)))
     for n in range(0, 24):  # runts
         out.append(rng.bytes(n))
     return out
