@@ -230,8 +230,9 @@ class MutatedSource:
         pass
 
 
-@pytest.mark.parametrize("linktype", [DLT_EN10MB, DLT_LINUX_SLL2])
-def test_pipeline_counts_every_malformed_packet(pools, tmp_path, linktype):
+@pytest.mark.parametrize("linktype,max_file_bytes", [(DLT_EN10MB, None), (DLT_LINUX_SLL2, None),
+                                                     (DLT_EN10MB, 300_000)])
+def test_pipeline_counts_every_malformed_packet(pools, tmp_path, linktype, max_file_bytes):
     from capture_daemon.pipeline import Pipeline  # noqa: PLC0415
     from capture_daemon.settings import Settings  # noqa: PLC0415
     pools, _ = pools
@@ -243,7 +244,7 @@ def test_pipeline_counts_every_malformed_packet(pools, tmp_path, linktype):
     out = tmp_path / "spool"
     out.mkdir()
     settings = Settings(experiment="fuzz", site="FZ", read="mutated", output_dir=str(out), rollover_seconds=1.0,
-                        stats_interval=0.5).validate()
+                        stats_interval=0.5, max_file_bytes=max_file_bytes).validate()
     pipe = Pipeline(settings, MutatedSource(batches, linktype), PcapOutput(linktype, 262144), parse_sample_spec("none"),
                     Anonymizer(CryptoPAn(KEY)))
     totals = pipe.run()
@@ -259,6 +260,10 @@ def test_pipeline_counts_every_malformed_packet(pools, tmp_path, linktype):
         rc, printed, err = _tcpdump(str(out / meta["data_file"]))
         assert rc == 0 and printed == meta["packets_written"], err[-300:]
     assert written == n
+    if max_file_bytes:  # files are cut exactly at the limit (a lone record over it gets a file of its own)
+        for meta_path in metas:
+            meta = json.loads(open(meta_path).read())
+            assert meta["size"] <= max_file_bytes or meta["packets_written"] == 1, meta["size"]
     assert sum(json.loads(open(m).read())["malformed_packets"] for m in metas) == expected_malformed
 
 

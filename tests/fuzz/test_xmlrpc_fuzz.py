@@ -21,7 +21,9 @@ import json
 import os
 import re
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import xmlrpc.client
 from pathlib import Path
 
@@ -269,9 +271,10 @@ class Fuzzer:
         self.host, self.port = node.server.server_address[:2]
         self.figures = {"requests": 0, "faults": 0, "http_refusals": 0, "answers": 0, "crashes": 0,
                         "state_checks": 0, "units_started": 0,
-                        "started_specs_checked": 0}
+                        "started_specs_checked": 0, "concurrent_requests": 0}
         self.seen_calls = 0
         self.problems: list[str] = []
+        self.lock = threading.RLock()
 
     # -- transport
     def exchange(self, head: bytes, body: bytes) -> bytes:
@@ -300,6 +303,10 @@ class Fuzzer:
         self.problems.append(what[:500])
 
     def classify(self, answer: bytes, label: str, expect_http_refusal: bool = False) -> object:
+        with self.lock:  # the concurrent phase classifies from several threads
+            return self._classify(answer, label, expect_http_refusal)
+
+    def _classify(self, answer: bytes, label: str, expect_http_refusal: bool = False) -> object:
         self.figures["requests"] += 1
         if not answer:
             if expect_http_refusal:  # http.server may close on a garbage request line: not a crash if alive
@@ -484,9 +491,35 @@ def test_thousands_of_hostile_requests(node, tmp_path):
             fz.run(*_http_request(body=_valid_body("stopExperiment", ({"ExperimentId": exp_id},))), f"stop {exp_id}")
             node.units.set_status(f"capture@{exp_id}.service", active_state="inactive", sub_state="dead")
 
+    racing = [("configureExperiment", ({"ExperimentId": "fz6", "CaptureSpec": {"filterexpr": "ip", "device": "lo"},
+                                        "StorageSpec": {"storagetype": "local", "storageparams": {
+                                            "local_storage_dir": str(node.root / "srv" / "fz6")}}},)),
+              ("startExperiment", ({"ExperimentId": "fz6"},)), ("stopExperiment", ({"ExperimentId": "fz6"},)),
+              ("pauseExperiment", ({"ExperimentId": "fz6"},)), ("resumeExperiment", ({"ExperimentId": "fz6"},)),
+              ("configureExperiment", ({"ExperimentId": "fz6", "CaptureSpec": {"filterexpr": "ip) or (1"}},))]
+
+    @settings(max_examples=25, **common)
+    @given(calls=st.lists(typed_calls(), min_size=12, max_size=12))
+    def concurrent(calls):
+        """12 hostile calls and the 6 racing ones on one experiment, 8 connections at a time:
+        every answer is still a fault or a proper result, and the server keeps answering."""
+        bodies = []
+        for method, args in calls + racing:
+            try:
+                bodies.append((method, _valid_body(method, args)))
+            except (OverflowError, TypeError, ValueError):
+                bodies.append((method, _valid_body(method, ())))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda mb: (mb[0], fz.post(mb[1])), bodies))
+        for method, answer in answers:
+            fz.classify(answer, f"concurrent {method}")
+        fz.figures["concurrent_requests"] += len(answers)
+        fz.check_after("a concurrent round", False, set())
+
     typed()
     raw()
     configure_then_start()
+    concurrent()
 
     # Every method of the contract in both spellings, with a plausible but broken struct each.
     for method in ALL_METHODS:
