@@ -105,6 +105,7 @@ def pools():
     return build_pools(rng)
 
 
+@pytest.mark.slow
 def test_millions_of_mutated_packets_through_the_capture_path(pools, tmp_path):
     pools, n_trace = pools
     rng = np.random.default_rng(SEED + 1)

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import xmlrpc.client
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -430,6 +431,7 @@ def _marked_names(*dirs: Path) -> set[str]:
     return out
 
 
+@pytest.mark.slow
 def test_thousands_of_hostile_requests(node, tmp_path):
     fz = Fuzzer(node)
     watched = [Path("/"), Path("/tmp"), Path.cwd(), tmp_path.parent, node.root.parent, node.root,
