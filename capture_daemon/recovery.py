@@ -112,7 +112,7 @@ def recover_one(directory: str, src: str, final: str, base_meta: dict) -> str | 
     with open(src, "rb") as fh:
         data = fh.read()
     result = measure(data) if measure else None
-    if result is None or result[0] == 0:
+    if result is None or result[0] == 0 or result[1] == 0:
         log.warning("removing %s: nothing whole to recover", os.path.basename(src))
         _unlink(src)
         return None

@@ -42,3 +42,18 @@ def test_header_fragment_is_removed_not_shipped(tmp_path):
     [only] = data_files(spool)  # just this run's file: the fragment held no record
     assert metadata(only)["recovered"] is False
     assert not [n for n in os.listdir(spool) if n.endswith(".tmp")]
+
+
+def test_torn_file_without_a_whole_record_is_removed(tmp_path):
+    """A temp file whose first record is already damaged holds no data: removed, not shipped."""
+    import struct
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    bad_record = struct.pack("<IIII", 1, 0, 0xFFFFFF, 60) + b"x" * 30
+    (spool / ".rec_LAB_20200101000000.pcap.tmp").write_bytes(header + bad_record)
+    run_capture("--read", os.path.join(DATA, "zeek__5-pings.pcap"), "--output-dir", spool,
+                "--experiment", "rec", "--site", "LAB")
+    [only] = data_files(spool)
+    assert metadata(only)["recovered"] is False
+    assert not (spool / "rec_LAB_20200101000000.pcap").exists()
