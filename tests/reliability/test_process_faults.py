@@ -1,0 +1,70 @@
+"""Processes killed with SIGKILL in the running node: the capture process mid-file, and gimsd
+mid-experiment. What was produced is compared with what reached storage (target: nothing lost,
+no truncated file delivered as complete)."""
+import time
+
+import pytest
+
+from .conftest import (SpoolWatcher, check_delivered_pcaps, configure_local, delivered_pcaps,
+                       gimsd_answering, lost, record, stats, stop_and_drain, wait_for)
+
+pytestmark = pytest.mark.integration
+
+
+def test_capture_sigkill_mid_file_recovers_and_delivers(sandbox, am, exp_id, upload_units):
+    exp = exp_id
+    ident = configure_local(am, exp, rollover_min=0.25)  # 15 s files: the kill lands mid-file
+    unit = f"capture@{exp}.service"
+    with SpoolWatcher(sandbox, exp) as watch:
+        am.startExperiment(ident)
+        pid1 = stats(am, exp)["capture_pid"]
+        # a file is being written and already holds whole packets
+        assert wait_for(lambda: any(s > 200 for s in watch.partial.values()), 20), watch.partial
+        time.sleep(1.3)
+        sandbox.systemctl("kill", "-s", "KILL", unit)
+        # systemd restarts it (Restart=on-failure, RestartSec=5); it recovers the partial file
+        s = wait_for(lambda: (lambda s: s if s["state"] == "running" and s["capture_pid"] not in (0, pid1)
+                              else None)(stats(am, exp)), 30)
+        assert s, stats(am, exp)
+        assert int(sandbox.show(unit, "NRestarts")["NRestarts"]) >= 1
+        time.sleep(4)
+        stop_and_drain(am, exp)
+    files = delivered_pcaps(sandbox.path(f"/srv/gims/{exp}"))
+    figures = check_delivered_pcaps(files)  # every delivered file whole, counts match metadata
+    assert figures["recovered"] >= 1, [m.get("recovered") for _, m in files]
+    missing = lost(watch.produced(), files)
+    assert not missing, missing
+    journal = sandbox.journal(f"EXPERIMENT={exp}", f"_SYSTEMD_UNIT={unit}")
+    assert "recover" in journal.lower(), journal[-2000:]
+    record("test_process_faults::capture_sigkill", faults_injected=1,
+           files_produced=len(watch.produced()), files_lost=len(missing), crashes=0, **figures)
+
+
+def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, exp_id, upload_units):
+    exp = exp_id
+    ident = configure_local(am, exp, rollover_min=0.05)  # 3 s files
+    with SpoolWatcher(sandbox, exp) as watch:
+        am.startExperiment(ident)
+        before = wait_for(lambda: (lambda s: s if s["files_uploaded"] >= 1 else None)(stats(am, exp)), 30)
+        assert before, stats(am, exp)
+        gimsd_pid = sandbox.show("gimsd.service", "MainPID")["MainPID"]
+        sandbox.systemctl("kill", "-s", "KILL", "gimsd.service")
+        assert wait_for(lambda: not gimsd_answering() or
+                        sandbox.show("gimsd.service", "MainPID")["MainPID"] != gimsd_pid, 10)
+        # while gimsd is down the capture unit keeps running
+        assert sandbox.show(f"capture@{exp}.service", "MainPID")["MainPID"] == str(before["capture_pid"])
+        assert wait_for(gimsd_answering, 30), "gimsd was not restarted by systemd"
+        assert sandbox.show("gimsd.service", "MainPID")["MainPID"] != gimsd_pid
+        after = stats(am, exp)  # right afterwards: the truth from systemd and the spool
+        assert after["state"] == "running" and after["capture_pid"] == before["capture_pid"], after
+        assert after["packets_observed"] >= before["packets_observed"]
+        # uploads carry on
+        assert wait_for(lambda: stats(am, exp)["files_uploaded"] >= after["files_uploaded"] + 2, 30), stats(am, exp)
+        stop_and_drain(am, exp)
+    files = delivered_pcaps(sandbox.path(f"/srv/gims/{exp}"))
+    figures = check_delivered_pcaps(files)
+    missing = lost(watch.produced(), files)
+    assert not missing, missing
+    assert int(sandbox.show(f"capture@{exp}.service", "NRestarts")["NRestarts"]) == 0
+    record("test_process_faults::gimsd_sigkill", faults_injected=1, files_produced=len(watch.produced()),
+           files_lost=len(missing), crashes=0, **figures)
