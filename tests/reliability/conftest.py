@@ -304,3 +304,43 @@ def moto_s3():
     m = MotoS3()
     yield m
     m.close()
+
+
+class NodeConfig:
+    """Edits the node's /etc/gims/gimsd.toml for one test (the sandbox's overlay: the host's
+    is never touched), restarts gimsd, and puts the original back afterwards."""
+
+    def __init__(self, sandbox):
+        self.sandbox = sandbox
+        self.path = sandbox.path("/etc/gims/gimsd.toml")
+        self.original = self.path.read_text()
+
+    def _restart(self):
+        self.sandbox.systemctl("restart", "gimsd.service")
+        assert wait_for(gimsd_answering, 30), "gimsd did not come back with the changed config"
+
+    def set(self, text: str):
+        self.path.write_text(text)
+        self._restart()
+
+    def restore(self):
+        self.path.write_text(self.original)
+        self._restart()
+
+
+def blast_udp(dst: str, nbytes: int, size: int = 1400, port: int = 9) -> int:
+    """Send nbytes of UDP towards the sandbox's peer (out through gims-sb0, where the capture
+    sees it): fills a spool in seconds where the steady sandbox traffic would take minutes."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+    payload = os.urandom(size)
+    try:
+        while sent < nbytes:
+            try:
+                s.sendto(payload, (dst, port))
+                sent += size
+            except OSError:
+                time.sleep(0.001)
+    finally:
+        s.close()
+    return sent
