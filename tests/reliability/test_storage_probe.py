@@ -64,3 +64,29 @@ def test_am_demo_storage_check_prints_ok(sandbox, gimsd_url, upload_units):
     lines = [ln for ln in res.stdout.splitlines() if "storage check:" in ln]
     assert lines and "storage check: OK: local storage" in lines[0], res.stdout + res.stderr
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+MANAGER = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
+REFUSALS = ("Interactive authentication required", "Access denied", "Permission denied")
+
+
+def test_polkit_lets_gimsd_start_the_probe_and_nothing_more(sandbox, exp_id):
+    """The rule allows gims exactly StartUnit of gims-upload-probe@<id>.service (real polkitd)."""
+    unit = f"gims-upload-probe@{exp_id}.service"
+
+    def call(user, method, sig, *args):
+        return sandbox.run("busctl", "call", *MANAGER, method, sig, *args, user=user, check=False)
+    # allowed: a job is queued (the probe itself then fails: this experiment has no storage.json)
+    res = call("gims", "StartUnit", "ss", unit, "replace")
+    assert res.returncode == 0 and res.stdout.startswith("o "), res.stderr
+    for method, sig, args in (("StopUnit", "ss", (unit, "replace")), ("RestartUnit", "ss", (unit, "replace")),
+                              ("ResetFailedUnit", "s", (unit,)), ("KillUnit", "ssi", (unit, "all", "9"))):
+        res = call("gims", method, sig, *args)
+        assert res.returncode != 0 and any(r in res.stderr for r in REFUSALS), (method, res.stderr)
+    for bad in ("gims-upload-probe@x.path", "gims-upload-probex@y.service", "gims-upload-probe@.service"):
+        res = call("gims", "StartUnit", "ss", bad, "replace")
+        assert res.returncode != 0, bad
+    for user in ("gims-upload", "gims-capture", "nobody"):
+        res = call(user, "StartUnit", "ss", unit, "replace")
+        assert res.returncode != 0 and any(r in res.stderr for r in REFUSALS), (user, res.stderr)
+    sandbox.systemctl("reset-failed", unit, check=False)
