@@ -23,10 +23,25 @@ import pytest
 
 # The sandbox fixtures of tests/integration (one node per session: a second import of the
 # same fixture finds the node up from this repository and reuses it).
-from tests.integration.conftest import exp_id, gimsd_url, sandbox, upload_units  # noqa: F401
+from tests.integration.conftest import gimsd_url, sandbox, upload_units  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIGURES = Path(os.environ.get("GIMS_RELIAB_FIGURES", "/var/tmp/gims-reliability-figures.jsonl"))
+
+
+_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def exp_id(sandbox, request):
+    """A fresh experiment id per test and run (gimsd keeps experiments across sessions when the
+    sandbox is reused); its units are stopped and reset afterwards."""
+    name = "r{}-{}-{}".format(os.getpid() % 100000, next(_counter),
+                              "".join(c for c in request.node.name if c.isalnum())[5:25])
+    yield name
+    for unit in (f"capture@{name}.service", f"gims-upload@{name}.path", f"gims-upload@{name}.service"):
+        sandbox.systemctl("stop", unit, check=False)
+        sandbox.systemctl("reset-failed", unit, check=False)
 
 
 def wait_for(pred, timeout=30.0, step=0.5):
@@ -323,6 +338,13 @@ class NodeConfig:
         self.path.write_text(text)
         self._restart()
 
+    def with_full_snaplen(self, text: str | None = None) -> str:
+        """The config with whole packets captured (snaplen 1500 in [defaults]): the sandbox's
+        64-byte default would take minutes of traffic to fill a spool or a write buffer."""
+        text = self.original if text is None else text
+        assert "\n[defaults]\n" in text, text
+        return text.replace("\n[defaults]\n", "\n[defaults]\nsnaplen = 1500\n", 1)
+
     def restore(self):
         self.path.write_text(self.original)
         self._restart()
@@ -343,4 +365,17 @@ def blast_udp(dst: str, nbytes: int, size: int = 1400, port: int = 9) -> int:
                 time.sleep(0.001)
     finally:
         s.close()
+    return sent
+
+
+PEER = "198.18.203.2"  # the sandbox's veth peer: traffic to it crosses gims-sb0
+
+
+def paced_blast(nbytes: int, seconds: float = 4.0) -> int:
+    """nbytes of UDP to the peer spread over a few seconds, so the capture keeps up."""
+    chunks = 40
+    sent = 0
+    for _ in range(chunks):
+        sent += blast_udp(PEER, nbytes // chunks)
+        time.sleep(seconds / chunks)
     return sent

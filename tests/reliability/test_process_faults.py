@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from .conftest import (SpoolWatcher, check_delivered_pcaps, configure_local, delivered_pcaps,
+from .conftest import (NodeConfig, SpoolWatcher, paced_blast, check_delivered_pcaps, configure_local, delivered_pcaps,
                        gimsd_answering, lost, record, stats, stop_and_drain, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -13,14 +13,27 @@ pytestmark = pytest.mark.integration
 
 def test_capture_sigkill_mid_file_recovers_and_delivers(sandbox, am, exp_id, upload_units):
     exp = exp_id
+    cfg = NodeConfig(sandbox)
+    cfg.set(cfg.with_full_snaplen())
+    try:
+        _capture_sigkill(sandbox, am, exp)
+    finally:
+        cfg.restore()
+
+
+def _capture_sigkill(sandbox, am, exp):
     ident = configure_local(am, exp, rollover_min=0.25)  # 15 s files: the kill lands mid-file
     unit = f"capture@{exp}.service"
     with SpoolWatcher(sandbox, exp) as watch:
         am.startExperiment(ident)
         pid1 = stats(am, exp)["capture_pid"]
-        # a file is being written and already holds whole packets
-        assert wait_for(lambda: any(s > 200 for s in watch.partial.values()), 20), watch.partial
-        time.sleep(1.3)
+        # a file is being written and already holds packets on disk: past the writer's 1 MiB
+        # buffer (capture_daemon/spool.py), which the steady sandbox traffic takes minutes to fill
+        assert wait_for(lambda: watch.partial, 20)
+        # files rotate on 15 s wall-clock boundaries: blast early in one
+        assert wait_for(lambda: time.time() % 15 < 6, 16, 0.1)
+        paced_blast(1600 << 10, 2.0)
+        assert wait_for(lambda: any(s > 256 << 10 for s in watch.partial.values()), 10), watch.partial
         sandbox.systemctl("kill", "-s", "KILL", unit)
         # systemd restarts it (Restart=on-failure, RestartSec=5); it recovers the partial file
         s = wait_for(lambda: (lambda s: s if s["state"] == "running" and s["capture_pid"] not in (0, pid1)
@@ -37,7 +50,7 @@ def test_capture_sigkill_mid_file_recovers_and_delivers(sandbox, am, exp_id, upl
     journal = sandbox.journal(f"EXPERIMENT={exp}", f"_SYSTEMD_UNIT={unit}")
     assert "recover" in journal.lower(), journal[-2000:]
     record("test_process_faults::capture_sigkill", faults_injected=1,
-           files_produced=len(watch.produced()), files_lost=len(missing), crashes=0, **figures)
+           files_seen_in_spool=len(watch.produced()), files_lost=len(missing), crashes=0, **figures)
 
 
 def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, exp_id, upload_units):
@@ -66,5 +79,5 @@ def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, 
     missing = lost(watch.produced(), files)
     assert not missing, missing
     assert int(sandbox.show(f"capture@{exp}.service", "NRestarts")["NRestarts"]) == 0
-    record("test_process_faults::gimsd_sigkill", faults_injected=1, files_produced=len(watch.produced()),
+    record("test_process_faults::gimsd_sigkill", faults_injected=1, files_seen_in_spool=len(watch.produced()),
            files_lost=len(missing), crashes=0, **figures)

@@ -9,22 +9,9 @@ import time
 import pytest
 
 from .conftest import (NodeConfig, check_delivered_pcaps, configure_local, delivered_pcaps, record,
-                       stats, stop_and_drain, wait_for, blast_udp)
+                       paced_blast, stats, stop_and_drain, wait_for)
 
 pytestmark = pytest.mark.integration
-
-PEER = "198.18.203.2"  # the sandbox's veth peer: traffic to it crosses gims-sb0
-
-
-def paced_blast(nbytes: int, seconds: float = 4.0) -> int:
-    """nbytes of UDP spread over a few seconds, so the capture keeps up (no ps_drop)."""
-    chunks = 40
-    sent = 0
-    for _ in range(chunks):
-        sent += blast_udp(PEER, nbytes // chunks)
-        time.sleep(seconds / chunks)
-    return sent
-
 
 def s3_experiment(am, exp, moto_s3):
     bucket = moto_s3.bucket(exp.lower().replace("_", "-")[:40] + "-f")
@@ -36,7 +23,15 @@ def s3_experiment(am, exp, moto_s3):
 
 
 def test_spool_disk_full_counts_unwritten_and_resumes(sandbox, am, exp_id, upload_units, moto_s3, tmp_path):
-    exp = exp_id
+    cfg = NodeConfig(sandbox)
+    cfg.set(cfg.with_full_snaplen())
+    try:
+        _disk_full(sandbox, am, exp_id, moto_s3, tmp_path)
+    finally:
+        cfg.restore()
+
+
+def _disk_full(sandbox, am, exp, moto_s3, tmp_path):
     spool = f"/var/spool/gims/{exp}"
     ident, bucket = s3_experiment(am, exp, moto_s3)
     sandbox.systemctl("start", f"gims-spool@{exp}.service")  # the spool directory, as capture@ would
@@ -89,7 +84,7 @@ def test_spool_quota_keeps_one_experiment_from_starving_another(sandbox, am, exp
     quota = 1 << 20
     cfg = NodeConfig(sandbox)
     try:
-        cfg.set(cfg.original + f"\n[limits]\nspool_quota_bytes = {quota}\n")
+        cfg.set(cfg.with_full_snaplen() + f"\n[limits]\nspool_quota_bytes = {quota}\n")
         ident_stuck, bucket = s3_experiment(am, stuck, moto_s3)
         ident_other = configure_local(am, other, filterexpr="icmp or icmp6")  # not the UDP blast
         moto_s3.proxy.stop()  # the stuck experiment's storage is unreachable: its spool only grows

@@ -53,5 +53,5 @@ def test_s3_unreachable_then_back_delivers_everything_once(sandbox, am, exp_id, 
         assert sorted(pcaps) == sorted(n for n in watch.produced() if n.endswith(".pcap")), (pcaps, watch.produced())
         assert len(keys) == 2 * len(pcaps), keys
     record("test_storage_outage::s3_unreachable", faults_injected=1, outage_seconds=OUTAGE_SECONDS,
-           files_produced=len(watch.produced()), files_lost=len(missing), duplicates=0,
+           files_seen_in_spool=len(watch.produced()), files_lost=len(missing), duplicates=0,
            upload_error_seen=str(err)[:120], files_uploaded_stat=final["files_uploaded"], crashes=0, **figures)

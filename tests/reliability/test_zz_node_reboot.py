@@ -74,7 +74,7 @@ def test_node_reboot_resumes_running_experiments(sandbox, am, upload_units):
         missing = lost(produced, files)
         assert not missing, (missing, [p.name for p, _ in files])
         assert figures["recovered"] >= 1, "the file cut short by the power cut was not recovered"
-        record("test_zz_node_reboot::power_cut", faults_injected=1, files_produced=len(produced),
+        record("test_zz_node_reboot::power_cut", faults_injected=1, files_seen_in_spool=len(produced),
                files_lost=len(missing), resumed_after_seconds=round(resumed_after, 1), crashes=0, **figures)
     finally:
         _down()
