@@ -87,7 +87,7 @@ def test_no_secret_in_logs_answers_metadata_or_errors(sandbox, am, exp_id, uploa
     assert not found, found
     # the search can find things: the key's fingerprint is in the metadata, the bucket in the log
     assert any(bucket.encode() in b for b in texts.values())
-    record("test_secrets::full_run", faults_injected=len(faults), places_searched=len(texts),
+    record("test_secrets::full_run", faults_injected=0, error_answers_provoked=len(faults), places_searched=len(texts),
            journal_bytes=len(journal.stdout), metadata_records=len(metas), secrets_found=len(found))
     for unit in (f"gims-upload@{exp}-b.path",):
         sandbox.systemctl("stop", unit, check=False)
