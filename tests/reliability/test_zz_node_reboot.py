@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.conftest import read_state
 
-from .conftest import (REPO_ROOT, SpoolWatcher, check_delivered_pcaps, configure_local, delivered_pcaps,
+from .conftest import (REPO_ROOT, NodeConfig, SpoolWatcher, paced_blast, check_delivered_pcaps, configure_local, delivered_pcaps,
                        gimsd_answering, lost, record, stats, stop_and_drain, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -46,13 +46,17 @@ def test_node_reboot_resumes_running_experiments(sandbox, am, upload_units):
     try:
         _down()
         _up(sandbox, keep)
+        cfg = NodeConfig(sandbox)
+        cfg.set(cfg.with_full_snaplen())  # kept across the reboot, like the rest of /etc
         ident = configure_local(am, exp, rollover_min=0.25)  # 15 s files: the cut lands mid-file
         with SpoolWatcher(sandbox, exp) as watch:
             am.startExperiment(ident)
-            before = wait_for(lambda: (lambda s: s if s["packets_written"] > 0 or watch.partial else None)(
-                stats(am, exp)), 30)
-            assert before and before["state"] == "running", stats(am, exp)
-            time.sleep(3)
+            before = stats(am, exp)
+            assert before["state"] == "running", before
+            # data on disk in the current file (past the writer's 1 MiB buffer), early in a file
+            assert wait_for(lambda: time.time() % 15 < 6, 16, 0.1)
+            paced_blast(1600 << 10, 2.0)
+            assert wait_for(lambda: any(s > 256 << 10 for s in watch.partial.values()), 10), watch.partial
         produced_before = watch.produced()
         assert produced_before, "nothing was being written before the power cut"
         t_cut = time.monotonic()
