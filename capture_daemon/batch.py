@@ -38,6 +38,17 @@ class Batch:
         if not self.buf.flags.writeable:
             self.buf = self.buf.copy()
 
+    def slice(self, start: int, stop: int) -> "Batch":
+        """Packets start..stop-1 as a view of the same buffer (no copy, layout kept)."""
+        if (start, stop) == (0, len(self)):
+            return self
+        head = 16 if self.records else 0
+        lo = int(self.off[start]) - head
+        hi = int(self.off[stop - 1] + self.caplen[stop - 1])
+        return Batch(self.buf[lo:hi], self.off[start:stop] - lo, self.caplen[start:stop],
+                     self.wirelen[start:stop], self.ts_sec[start:stop], self.ts_usec[start:stop],
+                     self.linktype, records=self.records)
+
     def take(self, idx: np.ndarray) -> "Batch":
         """A new packed batch holding the packets at idx (in that order)."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -46,19 +57,27 @@ class Batch:
             return self
         if not np.all(np.diff(idx) > 0):
             raise ValueError("take() needs increasing indices")
-        if self.records:
-            # Mark the bytes of the chosen packets: +1 where one starts, -1 where it ends.
-            edges = np.zeros(len(self.buf) + 1, dtype=np.int8)
-            edges[self.off[idx]] += 1
-            edges[self.off[idx] + caplen] -= 1
-            buf = self.buf[np.cumsum(edges[:-1], dtype=np.int8) > 0]
-        else:
-            mask = np.zeros(len(self), dtype=bool)
-            mask[idx] = True
-            buf = self.buf[np.repeat(mask, self.caplen)]
-        off = np.zeros(len(idx), dtype=np.int64)
+        off = np.zeros(len(idx), dtype=np.int64)  # the new, packed layout
         if len(idx) > 1:
             np.cumsum(caplen[:-1], out=off[1:])
+        if len(idx) * 8 < len(self):
+            # Few packets (sampling): gather their bytes directly, cost ~ bytes kept.
+            index = np.repeat(self.off[idx] - off, caplen) + np.arange(int(caplen.sum()))
+            buf = self.buf[index]
+        else:
+            keep = np.zeros(len(self), dtype=bool)
+            keep[idx] = True
+            if self.records:
+                # buf is [16-byte header][packet] per packet: skip every header, keep packets
+                # where chosen; one np.repeat over 2n runs.
+                runs = np.empty(2 * len(self), dtype=np.int64)
+                runs[0::2] = 16
+                runs[1::2] = self.caplen
+                chosen = np.zeros(2 * len(self), dtype=bool)
+                chosen[1::2] = keep
+                buf = self.buf[np.repeat(chosen, runs)]
+            else:
+                buf = self.buf[np.repeat(keep, self.caplen)]
         return Batch(buf, off, caplen, self.wirelen[idx], self.ts_sec[idx],
                      self.ts_usec[idx], self.linktype)
 

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", metavar="LOC")
     p.add_argument("--filter", metavar="EXPR", help="BPF filter expression")
     p.add_argument("--snaplen", type=int, metavar="N")
+    p.add_argument("--buffer-bytes", type=int, metavar="N", dest="buffer_bytes",
+                   help="kernel capture buffer (default 32 MiB)")
     p.add_argument("--sample", metavar="SPEC", help="everyN:N | uniform:P[:SEED] | none")
     p.add_argument("--anon-key-file", metavar="PATH", dest="anon_key_file",
                    help="Crypto-PAn key: 32 raw bytes or 64 hex characters")

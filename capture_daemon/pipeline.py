@@ -48,6 +48,9 @@ class Pipeline:
         self.suspended: str | None = None  # "disk full" / "quota": counting, not writing
         self.last_resume_check = 0.0
         self.guard = SpoolGuard(settings.output_dir, settings.spool_quota_bytes)
+        # Headers are parsed only where something reads them (anonymization, flows); a plain
+        # pcap copy or counts never look inside packets, and report malformed_packets: null.
+        self.inspect_headers = anonymizer is not None or getattr(output, "needs_headers", True)
         self.last_stats = 0.0
         self.last_status = 0.0
         self.now = None
@@ -108,7 +111,7 @@ class Pipeline:
         self.now = float(times[-1]) if self.now is None else max(self.now, float(times[-1]))
 
     def _process_segment(self, batch: Batch, start: int, stop: int) -> None:
-        seg = batch.take(np.arange(start, stop)) if (start, stop) != (0, len(batch)) else batch
+        seg = batch.slice(start, stop)
         of = self.current
         n_obs = len(seg)
         bytes_obs = int(seg.wirelen.sum())
@@ -131,8 +134,10 @@ class Pipeline:
                 self._suspend("quota")
             self.totals["packets_unwritten"] += len(sub)
             return
-        headers = parse(sub)
-        self._count(of, "malformed_packets", int(np.count_nonzero(headers.malformed)))
+        headers = None
+        if self.inspect_headers:
+            headers = parse(sub)
+            self._count(of, "malformed_packets", int(np.count_nonzero(headers.malformed)))
         if self.anonymizer is not None:
             sub.make_writable()
             self.anonymizer.apply(sub, headers, np.ones(len(sub), dtype=bool))
@@ -157,15 +162,15 @@ class Pipeline:
                 break
             if room_quota <= room_file:  # the quota binds: write what fits, count the rest
                 if fit:
-                    self._emit(sub.take(np.arange(fit)), None)
+                    self._emit(sub.slice(0, fit), None)
                 self.totals["packets_unwritten"] += len(sub) - fit
                 self._suspend("quota")
                 return
             if fit == 0 and self.current.counters["packets_written"] == 0:
                 fit = 1  # a record larger than the limit still goes into a file of its own
             if fit:
-                self._emit(sub.take(np.arange(fit)), None)
-                sub = sub.take(np.arange(fit, len(sub)))
+                self._emit(sub.slice(0, fit), None)
+                sub = sub.slice(fit, len(sub))
                 headers = None  # formats with record_sizes do not read headers
             t = float(sub.times[0])
             self._rotate(t, t)
@@ -399,7 +404,8 @@ class Pipeline:
             "packets_sampled": c["packets_sampled"], "bytes_sampled": c["bytes_sampled"],
             "packets_written": c["packets_written"],
             "bytes_written": of.file.size,
-            "malformed_packets": c["malformed_packets"],
+            "malformed_packets": c["malformed_packets"] if self.inspect_headers else None,
+            "headers_inspected": self.inspect_headers,
             "wire_lengths_estimated": self.source.wirelen_estimated,
             "pcap_stats": {"ps_recv": recv, "ps_drop": drop, "ps_ifdrop": ifdrop},
             "stats_updates": of.stats_updates,

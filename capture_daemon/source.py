@@ -14,7 +14,6 @@ not the wire length, which pcap records and byte counts need. We recover it per 
 from __future__ import annotations
 
 import ctypes
-import mmap
 import select
 import socket
 import os
@@ -186,7 +185,7 @@ class OfflineSource(PcapSource):
         except Exception as exc:
             raise SourceError(f"cannot read {path!r}: {exc}") from None
         self.path = path
-        self._map = None
+        self._fd = None
         self._file_pos = 24
         header = _read_pcap_header(path)
         file_snaplen = header[2] if header else 262144
@@ -194,44 +193,39 @@ class OfflineSource(PcapSource):
         self.set_filter(filter_expr)
         # Exact wire lengths straight from the file when records are read back to back.
         if header and not filter_expr and os.path.getsize(path) > 24:
-            fh = open(path, "rb")
-            try:
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            finally:
-                fh.close()
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self._endian = header[0]
             # Records we can pass through unchanged: little-endian, microsecond timestamps.
             self._native_records = _read_magic(path) == 0xA1B2C3D4
 
     def _records(self, caplen):
-        if self._map is None:
+        """The batch's records read from the file (pread: memory stays bounded by a batch)."""
+        if self._fd is None:
             return None
         n = len(caplen)
-        rec = np.empty(n, dtype=np.int64)
-        rec[0] = self._file_pos
+        rel = np.zeros(n, dtype=np.int64)  # record header offsets, relative to the first
         if n > 1:
-            np.cumsum(caplen[:-1] + 16, out=rec[1:])
-            rec[1:] += self._file_pos
-        end = int(rec[-1] + 16 + caplen[-1])
-        raw = np.frombuffer(self._map, dtype=np.uint8)
-        if end > len(raw):
-            self._map = None
-            return None
-        fields = raw[(rec + 8)[:, None] + np.arange(8)].copy().view(self._endian + "u4").reshape(-1, 2)
-        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all: stop trusting it
-            self._map = None
-            return None
-        self._file_pos = end
-        start = int(rec[0])
-        return raw[start:end], rec + 16 - start, fields[:, 1].astype(np.int64)
+            np.cumsum(caplen[:-1] + 16, out=rel[1:])
+        length = int(rel[-1] + 16 + caplen[-1])
+        data = os.pread(self._fd, length, self._file_pos)
+        if len(data) < length:
+            return self._stop_trusting()
+        raw = np.frombuffer(data, dtype=np.uint8)
+        fields = raw[(rel + 8)[:, None] + np.arange(8)].copy().view(self._endian + "u4").reshape(-1, 2)
+        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all
+            return self._stop_trusting()
+        self._file_pos += length
+        return raw, rel + 16, fields[:, 1].astype(np.int64)
+
+    def _stop_trusting(self):
+        os.close(self._fd)
+        self._fd = None
+        return None
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a batch still looks at it; the GC closes it later
-                pass
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         super().close()
 
 

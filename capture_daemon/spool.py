@@ -12,6 +12,8 @@ import errno
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -23,37 +25,72 @@ class SpoolFullError(OSError):
 
 
 class HashingFile:
-    """A buffered binary file that keeps a running sha256 and size of what was written."""
+    """A binary file written and hashed (sha256) by a writer thread of its own.
+
+    hashlib and file writes release the GIL on large buffers, so hashing and writing run
+    on the second core while the capture loop prepares the next batch. Writes are queued
+    (a few batches deep, so memory stays bounded); an error in the thread (ENOSPC) is raised
+    by the next write() or by finish().
+    """
+
+    QUEUE_DEPTH = 4
 
     def __init__(self, path: str):
         self.path = path
         self._f = open(path, "xb", buffering=WRITE_BUFFER_BYTES)
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._error: OSError | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._drain, name="gims-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self.sha256.update(data)
+                self._f.write(data)
+            except OSError as exc:
+                self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        n = self._f.write(data)
+        self._raise_pending()
+        n = data.nbytes if hasattr(data, "nbytes") else len(data)
+        self._queue.put(data)
         self.size += n
         return n
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def finish(self) -> None:
+        self._stop()
+        self._raise_pending()
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def detach(self) -> None:
         """Stop writing but leave the temp file for recovery (its tail may be torn)."""
+        self._stop()
         try:
             self._f.close()
         except OSError:
             pass
 
     def abandon(self) -> None:
-        try:
-            self._f.close()
-        except OSError:
-            pass
+        self.detach()
         try:
             os.unlink(self.path)
         except OSError:

@@ -79,7 +79,7 @@ class Config:
     filter: str = "ip"
     promiscuous: bool = True
     timeout_ms: int = 1000
-    buffer_bytes: int = 1 << 20
+    buffer_bytes: int = 32 << 20  # the original: 1 MiB, which drops at ~75k packets/s
     stats_interval: int = 30
     counts_interval: int = 1
     flow_idle_timeout: int = 300

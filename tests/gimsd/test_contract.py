@@ -65,7 +65,7 @@ def test_original_am_call_sequence(node):
     assert capture == {
         "experiment": exp, "site": "GPO", "interface": "gims-t0", "read": None,
         "output_dir": os.path.join(node.cfg.spool_dir, exp), "filter": "vlan 42 and (tcp or udp)",
-        "vlan": None, "snaplen": 64, "promiscuous": True, "timeout_ms": 1000, "buffer_bytes": 1048576,
+        "vlan": None, "snaplen": 64, "promiscuous": True, "timeout_ms": 1000, "buffer_bytes": 32 << 20,
         "sample": "everyN:10", "anon_key_hex": ANON_KEY, "aggregate": "pcap", "counts_interval": 1,
         "rollover_seconds": 120, "max_file_bytes": None, "stats_interval": 30, "ipfix_export": None,
         "flow_idle_timeout": 300, "flow_active_timeout": 1800, "user_text": "hello from the AM",
