@@ -248,6 +248,8 @@ class SpoolWatcher:
                         continue
                     if n.startswith(".") and n.endswith(".tmp"):
                         base = n[1:-4]
+                        if not base.endswith((".pcap", ".csv", ".ipfix")):
+                            continue  # metadata and state files being written
                         try:
                             self.partial[base] = max(self.partial.get(base, 0), e.stat().st_size)
                         except OSError:
