@@ -381,3 +381,14 @@ def paced_blast(nbytes: int, seconds: float = 4.0) -> int:
         sent += blast_udp(PEER, nbytes // chunks)
         time.sleep(seconds / chunks)
     return sent
+
+
+def unit_failures(sandbox, exps: list[str], since: float) -> int:
+    """Times a unit of these experiments, or gimsd, ended in failure since `since` (epoch s),
+    from systemd's own journal lines ("<unit>: Failed with result ..."): a test subtracts the
+    failures it injected; whatever is left is a crash."""
+    out = sandbox.run("journalctl", "--no-pager", "-o", "cat", "--since", f"@{int(since)}",
+                      "SYSLOG_IDENTIFIER=systemd", check=False).stdout
+    names = [f"@{e}.service" for e in exps] + ["gimsd.service"]
+    return sum(1 for line in out.splitlines()
+               if "Failed with result" in line and any(n + ":" in line for n in names))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import NodeConfig, configure_local, record, stats, wait_for
+from .conftest import NodeConfig, unit_failures, configure_local, record, stats, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ def test_interface_deleted_mid_capture_is_a_clear_failure(sandbox, am, exp_id, u
         assert s["state"] == "running" and s["capture_pid"] > 0, s
         time.sleep(2)
         t0 = time.monotonic()
+        t_wall = time.time() - 1
         subprocess.run(["ip", "link", "del", ifname], check=True)
         # the capture process ends (libpcap's error), systemd restarts it once, the restarted one
         # finds no such interface and exits 2 (RestartPreventExitStatus): failed for good
@@ -43,8 +44,11 @@ def test_interface_deleted_mid_capture_is_a_clear_failure(sandbox, am, exp_id, u
         time.sleep(6)
         again = stats(am, exp)
         assert again["state"] == "failed" and again["capture_unit"]["active_state"] == "failed", again
+        # expected: the capture that lost its interface and the restarted one that found none
+        crashes = unit_failures(sandbox, [exp], t_wall) - 2
+        assert crashes == 0, crashes
         record("test_interface_gone::veth_deleted", faults_injected=1, seconds_to_failed=round(took, 1),
-               failure_reason=reason[:200], hang=False)
+               failure_reason=reason[:200], crashes=crashes)
         am.stopExperiment(ident)
     finally:
         subprocess.run(["ip", "link", "del", ifname], capture_output=True)

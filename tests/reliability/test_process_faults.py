@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from .conftest import (NodeConfig, SpoolWatcher, paced_blast, check_delivered_pcaps, configure_local, delivered_pcaps,
+from .conftest import (NodeConfig, unit_failures, SpoolWatcher, paced_blast, check_delivered_pcaps, configure_local, delivered_pcaps,
                        gimsd_answering, lost, record, stats, stop_and_drain, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -22,6 +22,7 @@ def test_capture_sigkill_mid_file_recovers_and_delivers(sandbox, am, exp_id, upl
 
 
 def _capture_sigkill(sandbox, am, exp):
+    t_start = time.time()
     ident = configure_local(am, exp, rollover_min=0.25)  # 15 s files: the kill lands mid-file
     unit = f"capture@{exp}.service"
     with SpoolWatcher(sandbox, exp) as watch:
@@ -49,12 +50,15 @@ def _capture_sigkill(sandbox, am, exp):
     assert not missing, missing
     journal = sandbox.journal(f"EXPERIMENT={exp}", f"_SYSTEMD_UNIT={unit}")
     assert "recover" in journal.lower(), journal[-2000:]
+    crashes = unit_failures(sandbox, [exp], t_start) - 1  # the injected SIGKILL
+    assert crashes == 0, crashes
     record("test_process_faults::capture_sigkill", faults_injected=1,
-           files_seen_in_spool=len(watch.produced()), files_lost=len(missing), crashes=0, **figures)
+           files_seen_in_spool=len(watch.produced()), files_lost=len(missing), crashes=crashes, **figures)
 
 
 def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, exp_id, upload_units):
     exp = exp_id
+    t_start = time.time()
     ident = configure_local(am, exp, rollover_min=0.05)  # 3 s files
     with SpoolWatcher(sandbox, exp) as watch:
         am.startExperiment(ident)
@@ -79,5 +83,7 @@ def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, 
     missing = lost(watch.produced(), files)
     assert not missing, missing
     assert int(sandbox.show(f"capture@{exp}.service", "NRestarts")["NRestarts"]) == 0
+    crashes = unit_failures(sandbox, [exp], t_start) - 1  # the injected SIGKILL of gimsd
+    assert crashes == 0, crashes
     record("test_process_faults::gimsd_sigkill", faults_injected=1, files_seen_in_spool=len(watch.produced()),
-           files_lost=len(missing), crashes=0, **figures)
+           files_lost=len(missing), crashes=crashes, **figures)

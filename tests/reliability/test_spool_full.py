@@ -9,7 +9,7 @@ import time
 import pytest
 
 from .conftest import (NodeConfig, check_delivered_pcaps, configure_local, delivered_pcaps, record,
-                       paced_blast, stats, stop_and_drain, wait_for)
+                       paced_blast, stats, stop_and_drain, unit_failures, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +32,7 @@ def test_spool_disk_full_counts_unwritten_and_resumes(sandbox, am, exp_id, uploa
 
 
 def _disk_full(sandbox, am, exp, moto_s3, tmp_path):
+    t_start = time.time()
     spool = f"/var/spool/gims/{exp}"
     ident, bucket = s3_experiment(am, exp, moto_s3)
     sandbox.systemctl("start", f"gims-spool@{exp}.service")  # the spool directory, as capture@ would
@@ -67,9 +68,11 @@ def _disk_full(sandbox, am, exp, moto_s3, tmp_path):
         sandbox.run("umount", "-l", spool, check=False)
     files = delivered_pcaps(_download(moto_s3, bucket, tmp_path))
     figures = check_delivered_pcaps(files)
+    crashes = unit_failures(sandbox, [exp], t_start)
+    assert crashes == 0, crashes
     record("test_spool_full::disk_full", faults_injected=1, packets_unwritten=final["packets_unwritten"],
            packets_unwritten_when_full=full["packets_unwritten"], packets_written=final["packets_written"],
-           crashes=0, **figures)
+           crashes=crashes, **figures)
 
 
 def _download(moto_s3, bucket, tmp_path):
@@ -83,6 +86,7 @@ def test_spool_quota_keeps_one_experiment_from_starving_another(sandbox, am, exp
     stuck, other = exp_id, exp_id + "-o"
     quota = 1 << 20
     cfg = NodeConfig(sandbox)
+    t_start = time.time()
     try:
         cfg.set(cfg.with_full_snaplen() + f"\n[limits]\nspool_quota_bytes = {quota}\n")
         ident_stuck, bucket = s3_experiment(am, stuck, moto_s3)
@@ -113,10 +117,12 @@ def test_spool_quota_keeps_one_experiment_from_starving_another(sandbox, am, exp
         figures = check_delivered_pcaps(other_files)
         stuck_files = delivered_pcaps(_download(moto_s3, bucket, tmp_path))
         stuck_fig = check_delivered_pcaps(stuck_files)
+        crashes = unit_failures(sandbox, [stuck, other], t_start)
+        assert crashes == 0, crashes
         record("test_spool_full::quota", faults_injected=1, quota_bytes=quota,
                stuck_spool_bytes=stuck_stats["spool_bytes"], stuck_packets_unwritten=stuck_stats["packets_unwritten"],
                other_packets_unwritten=0, other_files_delivered=figures["files_delivered"],
-               stuck_files_delivered=stuck_fig["files_delivered"], crashes=0)
+               stuck_files_delivered=stuck_fig["files_delivered"], crashes=crashes)
     finally:
         for e in (stuck, other):
             sandbox.systemctl("stop", f"capture@{e}.service", f"gims-upload@{e}.path", check=False)

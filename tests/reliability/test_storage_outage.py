@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import (SpoolWatcher, check_delivered_pcaps, delivered_pcaps, lost, record, stats,
-                       stop_and_drain, wait_for)
+                       stop_and_drain, unit_failures, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +18,7 @@ OUTAGE_SECONDS = 30
 
 def test_s3_unreachable_then_back_delivers_everything_once(sandbox, am, exp_id, upload_units, moto_s3):
     exp = exp_id
+    t_start = time.time()
     bucket = moto_s3.bucket(exp.lower().replace("_", "-")[:40] + "-b")
     ident = {"ExperimentId": exp}
     am.configureExperiment({**ident, "CaptureSpec": {"filterexpr": "", "device": "gims-sb0"},
@@ -52,6 +53,8 @@ def test_s3_unreachable_then_back_delivers_everything_once(sandbox, am, exp_id, 
         pcaps = [k for k in keys if k.endswith(".pcap")]
         assert sorted(pcaps) == sorted(n for n in watch.produced() if n.endswith(".pcap")), (pcaps, watch.produced())
         assert len(keys) == 2 * len(pcaps), keys
+    crashes = unit_failures(sandbox, [exp], t_start)
+    assert crashes == 0, crashes
     record("test_storage_outage::s3_unreachable", faults_injected=1, outage_seconds=OUTAGE_SECONDS,
            files_seen_in_spool=len(watch.produced()), files_lost=len(missing), duplicates=0,
-           upload_error_seen=str(err)[:120], files_uploaded_stat=final["files_uploaded"], crashes=0, **figures)
+           upload_error_seen=str(err)[:120], files_uploaded_stat=final["files_uploaded"], crashes=crashes, **figures)

@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import read_state
 
 from .conftest import (REPO_ROOT, NodeConfig, SpoolWatcher, paced_blast, check_delivered_pcaps, configure_local, delivered_pcaps,
-                       gimsd_answering, lost, record, stats, stop_and_drain, wait_for)
+                       gimsd_answering, lost, record, unit_failures, stats, stop_and_drain, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +78,10 @@ def test_node_reboot_resumes_running_experiments(sandbox, am, upload_units):
         missing = lost(produced, files)
         assert not missing, (missing, [p.name for p, _ in files])
         assert figures["recovered"] >= 1, "the file cut short by the power cut was not recovered"
+        crashes = unit_failures(sandbox, [exp], 0)  # this boot's journal only (volatile)
+        assert crashes == 0, crashes
         record("test_zz_node_reboot::power_cut", faults_injected=1, files_seen_in_spool=len(produced),
-               files_lost=len(missing), resumed_after_seconds=round(resumed_after, 1), crashes=0, **figures)
+               files_lost=len(missing), resumed_after_seconds=round(resumed_after, 1), crashes=crashes, **figures)
     finally:
         _down()
         shutil.rmtree(keep, ignore_errors=True)
