@@ -209,6 +209,18 @@ class GimsAPI:
     def _spool(self, exp_id: str) -> str:
         return os.path.join(self.config.spool_dir, specmod.validate_experiment_id(exp_id))
 
+    def _boot_stamp(self) -> int | None:
+        """systemd's start time (UnitManager.manager_boot_stamp), None when unknown (test doubles,
+        an older UnitManager, D-Bus trouble): then restore_after_boot falls back to unit state."""
+        stamp = getattr(self.units, "manager_boot_stamp", None)
+        if stamp is None:
+            return None
+        try:
+            value = stamp()
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+        except Exception:
+            return None
+
     def _save_state(self, exp_id: str, current: dict[str, Any], **changes: Any) -> dict[str, Any]:
         new = dict(current, **changes)
         self.store.save_state(exp_id, new)
@@ -286,7 +298,8 @@ class GimsAPI:
                 self._save_state(exp_id, state, last_error=f"{_now()} start failed: {e}")
                 raise
             self._save_state(exp_id, state, state="running", started_at=_now(), stopped_at=None,
-                             delivered_at=None, last_error=None, runs=int(state.get("runs") or 0) + 1)
+                             delivered_at=None, last_error=None, runs=int(state.get("runs") or 0) + 1,
+                             systemd_boot=self._boot_stamp())
         self._failure_logged.discard(exp_id)
         log.info("experiment %s started", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: experiment {exp_id} started ({capture_unit(exp_id)})"
@@ -327,7 +340,7 @@ class GimsAPI:
             except UnitControlFailed as e:
                 self._save_state(exp_id, state, last_error=f"{_now()} resume failed: {e}")
                 raise
-            self._save_state(exp_id, state, state="running", resumed_at=_now())
+            self._save_state(exp_id, state, state="running", resumed_at=_now(), systemd_boot=self._boot_stamp())
         self._failure_logged.discard(exp_id)
         log.info("experiment %s resumed", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: experiment {exp_id} resumed"
@@ -680,6 +693,7 @@ class GimsAPI:
         since systemd started (ActiveEnterTimestamp 0: the node rebooted) are started again. A
         capture that ran in this boot and ended is left as it is (reported failed/exited)."""
         restored = []
+        boot = self._boot_stamp()
         for exp_id in self.store.list_ids():
             with self._lock(exp_id):
                 try:
@@ -694,9 +708,13 @@ class GimsAPI:
                     if _never_active(path):  # files may be waiting: delivery resumes in any case
                         self._unit("start_unit", upload_path_unit(exp_id), exp_id)
                     cap, _ = self._unit_status(capture_unit(exp_id))
-                    if desired == "running" and _never_active(cap):
+                    # Same systemd as when it was started: no reboot. A capture unit that looks
+                    # never-active was stopped by hand and garbage-collected: leave it be.
+                    same_boot = boot is not None and state.get("systemd_boot") == boot
+                    if desired == "running" and _never_active(cap) and not same_boot:
                         self._write_unit_files(exp_id, spec)
                         self._unit("start_unit", capture_unit(exp_id), exp_id)
+                        self._save_state(exp_id, state, systemd_boot=boot)
                         restored.append(exp_id)
                         log.info("experiment %s: capture started again after a node restart", exp_id,
                                  extra={"EXPERIMENT": exp_id})

@@ -141,6 +141,13 @@ class UnitManager:
     def unit_status(self, name: str) -> dict[str, Any]:
         return self._run(self._status(check_unit_name(name)))
 
+    def manager_boot_stamp(self) -> int:
+        """When this systemd started (its UserspaceTimestamp, usec): differs after every boot of
+        the node, equal across gimsd restarts. gimsd stores it with a started experiment so that
+        at its own start it can tell a node reboot from a unit someone stopped in this boot."""
+        (value,) = self._run(self._call(_MANAGER_PATH, _PROPS, "Get", "ss", [_MANAGER, "UserspaceTimestamp"]))
+        return int(value.value)
+
     def list_units(self, pattern: str) -> list[str]:
         """Names of loaded units matching a shell-style pattern (e.g. "capture@*")."""
         reply = self._run(self._call(_MANAGER_PATH, _MANAGER, "ListUnitsByPatterns", "asas", [[], [pattern]]))

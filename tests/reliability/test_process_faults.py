@@ -87,3 +87,22 @@ def test_gimsd_sigkill_mid_experiment_capture_and_uploads_carry_on(sandbox, am, 
     assert crashes == 0, crashes
     record("test_process_faults::gimsd_sigkill", faults_injected=1, files_seen_in_spool=len(watch.produced()),
            files_lost=len(missing), crashes=crashes, **figures)
+
+
+def test_gimsd_restart_does_not_restart_a_capture_stopped_by_hand(sandbox, am, exp_id, upload_units):
+    """Only a node reboot brings a running experiment's capture back: a capture unit an operator
+    stopped (and systemd then forgot) stays stopped across a gimsd restart, reported as such."""
+    exp = exp_id
+    ident = configure_local(am, exp)
+    am.startExperiment(ident)
+    unit = f"capture@{exp}.service"
+    sandbox.systemctl("stop", unit)
+    sandbox.systemctl("reset-failed", unit, check=False)
+    sandbox.systemctl("restart", "gimsd.service")
+    assert wait_for(gimsd_answering, 30)
+    time.sleep(2)
+    assert sandbox.show(unit, "ActiveState")["ActiveState"] == "inactive"
+    s = stats(am, exp)
+    assert s["state"] == "exited" and "ended on its own" in s["failure_reason"], s
+    assert "started again after a node restart" not in sandbox.journal("SYSLOG_IDENTIFIER=gimsd", f"EXPERIMENT={exp}")
+    am.stopExperiment(ident)
