@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import (NodeConfig, check_delivered_pcaps, configure_local, delivered_pcaps, record,
+from .conftest import (NodeConfig, SpoolWatcher, lost, check_delivered_pcaps, configure_local, delivered_pcaps, record,
                        paced_blast, stats, stop_and_drain, unit_failures, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -40,6 +40,7 @@ def _disk_full(sandbox, am, exp, moto_s3, tmp_path):
     gid = next(int(line.split(":")[2]) for line in sandbox.path("/etc/group").read_text().splitlines()
                if line.startswith("gims-spool:"))
     sandbox.run("mount", "-t", "tmpfs", "-o", f"size=6m,mode=2770,uid={uid},gid={gid}", f"gims-rl-{exp}", spool)
+    watch = SpoolWatcher(sandbox, exp).__enter__()
     try:
         moto_s3.proxy.stop()  # nothing drains
         try:
@@ -63,16 +64,19 @@ def _disk_full(sandbox, am, exp, moto_s3, tmp_path):
         final = stop_and_drain(am, exp, timeout=120)
         assert int(sandbox.show(f"capture@{exp}.service", "NRestarts")["NRestarts"]) == 0
     finally:
+        watch.__exit__(None, None, None)
         sandbox.systemctl("stop", f"capture@{exp}.service", f"gims-upload@{exp}.path",
                           f"gims-upload@{exp}.service", check=False)
         sandbox.run("umount", "-l", spool, check=False)
     files = delivered_pcaps(_download(moto_s3, bucket, tmp_path))
     figures = check_delivered_pcaps(files)
+    missing = lost(watch.produced(), files)
+    assert not missing, missing
     crashes = unit_failures(sandbox, [exp], t_start)
     assert crashes == 0, crashes
     record("test_spool_full::disk_full", faults_injected=1, packets_unwritten=final["packets_unwritten"],
            packets_unwritten_when_full=full["packets_unwritten"], packets_written=final["packets_written"],
-           crashes=crashes, **figures)
+           files_seen_in_spool=len(watch.produced()), files_lost=len(missing), crashes=crashes, **figures)
 
 
 def _download(moto_s3, bucket, tmp_path):
@@ -92,6 +96,7 @@ def test_spool_quota_keeps_one_experiment_from_starving_another(sandbox, am, exp
         ident_stuck, bucket = s3_experiment(am, stuck, moto_s3)
         ident_other = configure_local(am, other, filterexpr="icmp or icmp6")  # not the UDP blast
         moto_s3.proxy.stop()  # the stuck experiment's storage is unreachable: its spool only grows
+        watches = [SpoolWatcher(sandbox, e).__enter__() for e in (stuck, other)]
         try:
             am.startExperiment(ident_stuck)
             am.startExperiment(ident_other)
@@ -113,16 +118,23 @@ def test_spool_quota_keeps_one_experiment_from_starving_another(sandbox, am, exp
             moto_s3.proxy.start()
         stop_and_drain(am, other)
         stop_and_drain(am, stuck, timeout=120)
+        for w in watches:
+            w.__exit__(None, None, None)
         other_files = delivered_pcaps(sandbox.path(f"/srv/gims/{other}"))
         figures = check_delivered_pcaps(other_files)
         stuck_files = delivered_pcaps(_download(moto_s3, bucket, tmp_path))
         stuck_fig = check_delivered_pcaps(stuck_files)
+        missing = lost(watches[0].produced(), stuck_files) + lost(watches[1].produced(), other_files)
+        assert not missing, missing
         crashes = unit_failures(sandbox, [stuck, other], t_start)
         assert crashes == 0, crashes
         record("test_spool_full::quota", faults_injected=1, quota_bytes=quota,
                stuck_spool_bytes=stuck_stats["spool_bytes"], stuck_packets_unwritten=stuck_stats["packets_unwritten"],
                other_packets_unwritten=0, other_files_delivered=figures["files_delivered"],
-               stuck_files_delivered=stuck_fig["files_delivered"], crashes=crashes)
+               stuck_files_delivered=stuck_fig["files_delivered"],
+               files_seen_in_spool=len(watches[0].produced()) + len(watches[1].produced()),
+               files_delivered=figures["files_delivered"] + stuck_fig["files_delivered"],
+               recovered=figures["recovered"] + stuck_fig["recovered"], files_lost=len(missing), crashes=crashes)
     finally:
         for e in (stuck, other):
             sandbox.systemctl("stop", f"capture@{e}.service", f"gims-upload@{e}.path", check=False)
