@@ -78,10 +78,12 @@ def _wait_notify(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None):
+def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, cpus="1"):
     argv = [ctx.python, "-m", "capture_daemon.cli", "--interface", iface, "--output-dir", outdir,
             "--experiment", "benchlive", "--site", "BENCH", "--snaplen", "128",
             "--anon-key-file", ctx.key_file, "--rollover", "100000"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     if buffer_bytes:
         # The kernel buffer is a capture setting without a flag: hand it over as a config file.
         conf = os.path.join(ctx.workdir, f"live-gims-{buffer_bytes}.json")
@@ -89,9 +91,30 @@ def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None):
             json.dump({"buffer_bytes": int(buffer_bytes)}, f)
         argv += ["--config", conf]
     env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path}
-    p = subprocess.Popen(["taskset", "-c", "1"] + argv, cwd=peers.GIMS_REPO, env=env,
+    p = subprocess.Popen(["taskset", "-c", cpus] + argv, cwd=peers.GIMS_REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return p, argv
+
+
+def _finish(p, timeout=60.0):
+    """Wait for a signalled capturer: (stderr text, CPU seconds of it and its reaped children).
+
+    wait4() reports the child's user+system time including the workers it waited for (a
+    --workers supervisor joins all of them), which Popen.communicate() would throw away.
+    """
+    import threading
+    err = []
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, lambda: p.poll() is None and p.kill())
+    killer.start()
+    try:
+        _, status, ru = os.wait4(p.pid, 0)
+    finally:
+        killer.cancel()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(5.0)
+    return (err[0] if err else ""), ru.ru_utime + ru.ru_stime
 
 
 def _gims_result(p, outdir):
@@ -135,8 +158,12 @@ def _replay(veth, pcap, pps, count):
             argv, out if p.returncode else "")
 
 
-def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = None) -> dict:
-    """buffer_bytes: the kernel capture buffer for both capturers (None: each one's default)."""
+def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = None,
+        gims_workers: int = 1, gims_cpus: str = "1", with_tcpdump: bool = True) -> dict:
+    """buffer_bytes: the kernel capture buffer for both capturers (None: each one's default).
+
+    gims_workers > 1 runs gims-capture --workers N (PACKET_FANOUT), pinned to gims_cpus (a
+    taskset list; tcpreplay stays on CPU 0, so "0,1" shares the sender's core)."""
     """Step the offered rate up for each capturer; report the best clean step."""
     if os.geteuid() != 0:
         return {"error": "needs root (network namespaces)", "lines": ["skipped: needs root"]}
@@ -154,10 +181,13 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
     why_no_gims = peers.gims_available()
     if why_no_gims is None:
         capturers = {"gims-capture": None, "tcpdump -w": None}
+    if not with_tcpdump and why_no_gims is None:
+        capturers.pop("tcpdump -w")
     best = {name: None for name in capturers}
     steps = []
     commands = {}
     first_loss = {name: None for name in capturers}
+    cpu_steps: dict[str, list] = {}
 
     def step(veth, name, pps):
         """One capture at one offered rate: (clean, achieved pps) or None if it did not start."""
@@ -168,7 +198,8 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
         if name == "gims-capture":
             nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             nsock.bind(notify_path)
-            p, argv = _start_gims(ctx, veth.a, outdir, notify_path, buffer_bytes)
+            p, argv = _start_gims(ctx, veth.a, outdir, notify_path, buffer_bytes,
+                                  gims_workers, gims_cpus)
             ready = _wait_notify(nsock, 15.0)
         else:
             p, argv = _start_tcpdump(veth.a, outdir, buffer_bytes)
@@ -187,11 +218,7 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
         commands["tcpreplay"] = rargv
         time.sleep(1.0)
         p.send_signal(signal.SIGINT)
-        try:
-            _, err = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
+        err, cpu = _finish(p)
         if nsock:
             nsock.close()
         if name == "gims-capture":
@@ -202,7 +229,10 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
         clean = (sent is not None and captured is not None and drops == 0 and captured >= sent)
         steps.append(f"{name}: asked {pps or 'top speed'} pps, tcpreplay achieved "
                      f"{achieved if achieved is not None else '?'} pps, sent {sent}, "
-                     f"captured {captured}, dropped {drops} -> {'clean' if clean else 'LOSS'}")
+                     f"captured {captured}, dropped {drops}, CPU {cpu:.2f} s "
+                     f"({1e6 * cpu / captured if captured else float('nan'):.2f} µs/packet "
+                     f"captured, start-up and idle included) -> {'clean' if clean else 'LOSS'}")
+        cpu_steps.setdefault(name, []).append((captured or 0, cpu))
         log(f"path 6: {steps[-1]}")
         if rerr:
             steps.append(f"tcpreplay: {rerr.strip()[-200:]}")
@@ -238,7 +268,7 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
                     best[name] = max(best[name], achieved)
                 else:
                     first_loss[name] = achieved or int((lo + hi) / 2)
-    lines = [f"kernel capture buffer: {'each capturer default (gims 1 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}",
+    lines = [f"kernel capture buffer: {'each capturer default (gims 32 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}",
              "", "| capturer | highest clean rate (achieved pps) | lowest lossy rate |", "|---|---|---|"]
     for name, b in best.items():
         fl = first_loss.get(name)
@@ -255,9 +285,18 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
         else:
             lines.append(f"\nratio gims / tcpdump: {g / t:.2f}× (target ≥ 1.0×); a capturer with no "
                          "lossy step may go higher than measured")
+    if gims_workers > 1:
+        lines.append(f"\ngims-capture ran with --workers {gims_workers} (PACKET_FANOUT), "
+                     f"pinned to CPUs {gims_cpus}")
+    for name, cs in cpu_steps.items():
+        pk, sec = sum(c for c, _ in cs), sum(t for _, t in cs)
+        if pk:
+            lines.append(f"CPU per captured packet, {name}, all steps: {1e6 * sec / pk:.2f} µs "
+                         f"({sec:.1f} s for {pk:,} packets)")
     lines.append("")
     lines += [f"- {s}" for s in steps]
     lines += [f"- command ({k}): `{' '.join(v)}`" for k, v in commands.items()]
     lines.append("- every step: capturer started (gims: waits for READY=1 on NOTIFY_SOCKET), "
                  f"tcpreplay sends max(10000, {SEND_SECONDS:g} s x rate) packets, 1 s pause, SIGINT")
-    return {"best": best, "first_loss": first_loss, "steps": steps, "lines": lines}
+    return {"best": best, "first_loss": first_loss, "steps": steps, "lines": lines,
+            "cpu_steps": cpu_steps}

@@ -368,6 +368,12 @@ def main(argv=None) -> int:
     ap.add_argument("--live-buffer", type=int, default=None, metavar="BYTES",
                     help="path 6: kernel capture buffer for both capturers (default: each one's own)")
     ap.add_argument("--live-rates", default="", help="path 6: comma-separated packets/s to offer")
+    ap.add_argument("--live-workers", type=int, default=1, metavar="N",
+                    help="path 6: run gims-capture with --workers N (PACKET_FANOUT)")
+    ap.add_argument("--live-gims-cpus", default="1", metavar="LIST",
+                    help="path 6: taskset CPU list for gims-capture (tcpreplay has CPU 0)")
+    ap.add_argument("--live-no-tcpdump", action="store_true",
+                    help="path 6: measure gims-capture only")
     a = ap.parse_args(argv)
     size = a.size or (50_000 if a.quick else 5_000_000)
     rounds = a.rounds or (1 if a.quick else 3)
@@ -417,7 +423,10 @@ def main(argv=None) -> int:
                 result["cryptopan"] = cryptopan_path(a, log)
             elif path == 6:
                 import live
-                result["live"] = live.run(ctx, a.live_rates, log, buffer_bytes=a.live_buffer)
+                result["live"] = live.run(ctx, a.live_rates, log, buffer_bytes=a.live_buffer,
+                                          gims_workers=a.live_workers,
+                                          gims_cpus=a.live_gims_cpus,
+                                          with_tcpdump=not a.live_no_tcpdump)
     finally:
         sink.close()
     if 7 in paths:

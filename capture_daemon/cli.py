@@ -4,7 +4,10 @@
                  [--experiment NAME] [--site LOC] [--filter EXPR] [--snaplen N]
                  [--sample everyN:N | uniform:P[:SEED] | none] [--anon-key-file PATH]
                  [--aggregate pcap|counts|flows] [--rollover SECONDS] [--max-file-bytes N]
-                 [--config FILE]
+                 [--config FILE] [--workers N]
+
+--workers N (live capture only) captures with N processes that share the interface through
+a PACKET_FANOUT group, each writing its own files (see capture_daemon/fanout.py).
 
 Bad arguments, an unreadable source or a filter that does not compile: a one-line reason on
 stderr and exit status 2. SIGTERM/SIGINT finish the current file and exit 0; SIGHUP rotates.
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export flows to udp://HOST:PORT or tcp://HOST:PORT")
     p.add_argument("--counts-interval", type=float, metavar="SECONDS", dest="counts_interval")
     p.add_argument("--stats-interval", type=float, metavar="SECONDS", dest="stats_interval")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="live capture with N processes sharing the interface (PACKET_FANOUT)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -83,6 +88,10 @@ def main(argv=None) -> int:
         anonymizer = _make_anonymizer(settings)
     except (SettingsError, SamplingError, ValueError) as exc:
         return _fail(str(exc))
+
+    if settings.workers > 1:
+        from .fanout import supervise
+        return supervise(settings, args.verbose)
 
     from .service import Notifier, setup_logging
     log = setup_logging(settings.experiment, args.verbose)

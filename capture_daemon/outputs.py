@@ -19,6 +19,7 @@ import struct
 import numpy as np
 
 from .batch import Batch
+from .parse import DLT_RAW_BSD, DLT_RAW_OBSD, LINKTYPE_RAW
 
 PCAP_GLOBAL_HEADER = struct.Struct("<IHHiIII")
 PCAP_MAGIC_USEC = 0xA1B2C3D4
@@ -52,13 +53,19 @@ def pcap_records(batch: Batch) -> np.ndarray:
     return out
 
 
+# libpcap reports raw IP as DLT_RAW, which is 12 on most systems and 14 on OpenBSD; a savefile
+# must say LINKTYPE_RAW (101) instead, as libpcap's own pcap_dump does: 14 in a file header is
+# "unknown data link type" to every reader off OpenBSD (tcpdump refused our file).
+SAVEFILE_LINKTYPES = {DLT_RAW_BSD: LINKTYPE_RAW, DLT_RAW_OBSD: LINKTYPE_RAW}
+
+
 class PcapOutput:
     ext = "pcap"
     data_type = "pcap"
     needs_headers = False
 
     def __init__(self, linktype: int, snaplen: int):
-        self.linktype = linktype
+        self.linktype = SAVEFILE_LINKTYPES.get(linktype, linktype)
         self.snaplen = snaplen
         self.f = None
 
@@ -104,6 +111,7 @@ class CountsOutput:
     needs_headers = False
     COLUMNS = ("interval_start", "interval_seconds", "packets_observed", "bytes_observed",
                "packets_sampled", "bytes_sampled")
+    MAX_ZERO_ROWS = 1_000_000  # per file: about 40 MB of CSV (see _slots_to_write)
 
     def __init__(self, interval: float = 1.0):
         if interval <= 0:
@@ -148,11 +156,13 @@ class CountsOutput:
         if self.rows:
             last_slot = max(last_slot, max(self.rows))
         first = self.first_slot if self.first_slot is not None else last_slot
-        if self.rows:
-            first = min(first, min(self.rows))
+        if first > last_slot:  # a file closed at the instant it opened: only rows with traffic
+            slots, omitted = sorted(self.rows), 0
+        else:
+            slots, omitted = self._slots_to_write(first, last_slot)
         lines = []
         zero = np.zeros(4, dtype=np.int64)
-        for slot in range(first, last_slot + 1):
+        for slot in slots:
             row = self.rows.get(slot, zero)
             start = slot * self.interval
             lines.append(f"{start:.6f},{self.interval:g},{row[0]},{row[1]},{row[2]},{row[3]}\n"
@@ -160,7 +170,31 @@ class CountsOutput:
         self.f.write("".join(lines).encode())
         self.rows = {}
         self.f = None
-        return {"counts": {"interval_seconds": self.interval, "rows": len(lines)}}
+        counts = {"interval_seconds": self.interval, "rows": len(lines)}
+        if omitted:
+            counts["zero_rows_omitted"] = omitted
+        return {"counts": counts}
+
+    def _slots_to_write(self, first: int, last: int) -> tuple[list[int], int]:
+        """Every slot with traffic, and zero rows for the quiet slots of the file's own span
+        [first, last], at most MAX_ZERO_ROWS of them per file.
+
+        Why bounded: a packet stamped far off (a clock stepped back, a damaged savefile record
+        at time 0) once made a file "span" decades, and writing a zero row per second of that
+        ran out of memory and killed the capture. Out-of-order slots before the file's start
+        get their own row, no zero fill; a quiet spell longer than the budget leaves a jump in
+        interval_start, and the metadata record says how many zero rows were left out."""
+        slots = set(self.rows)
+        points = sorted({s for s in slots if first <= s <= last} | {first, last})
+        budget, omitted = self.MAX_ZERO_ROWS, 0
+        for a, b in zip(points, points[1:]):
+            gap = b - a - 1
+            take = min(gap, budget)
+            slots.update(range(a + 1, a + 1 + take))
+            budget -= take
+            omitted += gap - take
+        slots.update((first, last))
+        return sorted(slots), omitted
 
     def close(self) -> None:
         pass

@@ -20,7 +20,7 @@ from . import __version__
 from .batch import Batch
 from .parse import parse
 from .source import PcapSource, libpcap_version
-from .recovery import recover_spool
+from .recovery import recover_one, recover_spool
 from .spool import OpenFile, Spool, SpoolGuard, is_space_error, utc_iso
 
 log = logging.getLogger("gims-capture")
@@ -31,13 +31,24 @@ COUNTER_NAMES = ("packets_observed", "bytes_observed", "packets_sampled", "bytes
 
 class Pipeline:
     def __init__(self, settings, source: PcapSource, output, sampler, anonymizer=None,
-                 notifier=None):
+                 notifier=None, *, status_sink=None, fanout: dict | None = None):
+        """status_sink(state, counters): where the counters go instead of .gims-status.json.
+
+        A fan-out worker (capture_daemon.fanout) passes one that reports to its supervisor,
+        which writes the single status file with the sum over workers; such a worker also
+        shares the spool with its siblings, so it recovers only the files it tore itself
+        (the supervisor recovers the spool once, before any worker starts).
+        fanout: the group this pipeline captures in, copied into every metadata record.
+        """
         self.s = settings
         self.source = source
         self.output = output
         self.sampler = sampler
         self.anonymizer = anonymizer
         self.notifier = notifier
+        self.status_sink = status_sink
+        self.fanout = fanout
+        self.torn: list[tuple[str, str]] = []  # (temp path, final name) this process detached
         self.spool = Spool(settings.output_dir, settings.experiment, settings.site, output.ext)
         self.current: OpenFile | None = None
         self.boundary = math.inf
@@ -65,8 +76,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
-        recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
-        self.spool.files_written += len(recovered)
+        if self.fanout is None:  # a fan-out worker's spool was recovered by its supervisor
+            recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
+            self.spool.files_written += len(recovered)
         self.guard.ensure_reserve()
         if self.notifier:
             self.notifier.ready(self.status_line())
@@ -207,6 +219,7 @@ class Pipeline:
         of, self.current = self.current, None
         if of is not None:
             of.file.detach()
+            self.torn.append((of.file.path, of.name))
             # what this file held is now unknown past the last whole record: recovery tells
             self.totals["packets_written"] -= of.counters["packets_written"]
             self.totals["packets_unwritten"] += of.counters["packets_written"]
@@ -234,7 +247,7 @@ class Pipeline:
             # uploader can ship it and free its space. This needs only a page or two; if
             # even that fails, it is tried again a second later (recovery is idempotent).
             try:
-                recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
+                recovered = self._recover_torn()
             except OSError as exc:
                 if not is_space_error(exc):
                     raise
@@ -247,6 +260,21 @@ class Pipeline:
         log.info("spool %s has room again: writing resumes", self.s.output_dir)
         self.suspended = None
         self.guard.ensure_reserve()
+
+    def _recover_torn(self) -> list[str]:
+        if self.fanout is None:
+            return recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
+        # Siblings write into the same spool: their open temp files are not torn, so only
+        # the files this worker detached are recovered here.
+        recovered = []
+        while self.torn:
+            tmp, final = self.torn[0]
+            if os.path.exists(tmp):
+                path = recover_one(self.s.output_dir, tmp, final, self.static_meta)
+                if path:
+                    recovered.append(path)
+            self.torn.pop(0)
+        return recovered
 
     def _count(self, of: OpenFile | None, name: str, value: int) -> None:
         if of is not None:
@@ -355,18 +383,12 @@ class Pipeline:
                     ps_drop=drop, ps_ifdrop=ifdrop, writing_suspended=self.suspended)
 
     def status_line(self) -> str:
-        c = self.counters()
-        keys = ("packets_observed", "bytes_observed", "packets_sampled", "bytes_sampled",
-                "packets_written", "files_written", "ps_recv", "ps_drop", "ps_ifdrop")
-        parts = [f"{k}={c[k]}" for k in keys]
-        parts.append(f"malformed={c['malformed_packets']}")
-        if c["packets_unwritten"]:
-            parts.append(f"packets_unwritten={c['packets_unwritten']}")
-        if self.suspended:
-            parts.append(f"suspended={self.suspended.replace(' ', '_')}")
-        return " ".join(parts)
+        return status_line(self.counters())
 
     def _write_status(self, state: str) -> None:
+        if self.status_sink is not None:
+            self.status_sink(state, self.counters())
+            return
         self.spool.write_status(dict(self.counters(), state=state, experiment=self.s.experiment))
 
     def _static_metadata(self) -> dict:
@@ -386,6 +408,7 @@ class Pipeline:
             "platform": {"system": platform.system(), "release": platform.release(),
                          "machine": platform.machine(), "node": platform.node()},
             "user_text": s.user_text,
+            "fanout": self.fanout,
         }
 
     def _metadata(self, of: OpenFile, end_time: float, extra: dict) -> dict:
@@ -416,6 +439,19 @@ class Pipeline:
         })
         meta.update(extra)
         return meta
+
+
+def status_line(c: dict) -> str:
+    """The sd_notify STATUS= text: key=value pairs from a counters() dict."""
+    keys = ("packets_observed", "bytes_observed", "packets_sampled", "bytes_sampled",
+            "packets_written", "files_written", "ps_recv", "ps_drop", "ps_ifdrop")
+    parts = [f"{k}={c[k]}" for k in keys]
+    parts.append(f"malformed={c['malformed_packets']}")
+    if c["packets_unwritten"]:
+        parts.append(f"packets_unwritten={c['packets_unwritten']}")
+    if c.get("writing_suspended"):
+        parts.append(f"suspended={c['writing_suspended'].replace(' ', '_')}")
+    return " ".join(parts)
 
 
 def _recovered_packets(path: str) -> int:

@@ -92,10 +92,10 @@ def recover_spool(directory: str, prefix: str, base_meta: dict) -> list[str]:
             if final in names:
                 _unlink(os.path.join(directory, entry))
                 continue
-            path = _recover_one(directory, os.path.join(directory, entry), final, base_meta)
+            path = recover_one(directory, os.path.join(directory, entry), final, base_meta)
         elif (entry.startswith(f"{prefix}_") and not entry.endswith(".meta.json")
               and f"{entry}.meta.json" not in names):
-            path = _recover_one(directory, os.path.join(directory, entry), entry, base_meta)
+            path = recover_one(directory, os.path.join(directory, entry), entry, base_meta)
         else:
             continue
         if path:
@@ -105,7 +105,8 @@ def recover_spool(directory: str, prefix: str, base_meta: dict) -> list[str]:
     return recovered
 
 
-def _recover_one(directory: str, src: str, final: str, base_meta: dict) -> str | None:
+def recover_one(directory: str, src: str, final: str, base_meta: dict) -> str | None:
+    """Recover one torn file (temp or unlabelled data file) under its final name."""
     ext = final.rsplit(".", 1)[-1]
     measure = WHOLE_LENGTH.get(ext)
     with open(src, "rb") as fh:

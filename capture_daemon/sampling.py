@@ -24,6 +24,10 @@ class Sampler:
     def describe(self) -> dict:
         return {"type": self.kind}
 
+    def for_worker(self, index: int, workers: int) -> "Sampler":
+        """The sampler one of several fan-out workers runs on its share of the packets."""
+        return self
+
 
 class EveryN(Sampler):
     kind = "everyN"
@@ -45,7 +49,20 @@ class EveryN(Sampler):
         return idx
 
     def describe(self):
-        return {"type": self.kind, "n": self.n}
+        d = {"type": self.kind, "n": self.n}
+        if getattr(self, "per_worker", False):
+            # Each fan-out worker counts its own packets: every N-th of its share, so the
+            # union is 1 in N on average but not exactly every N-th packet of the wire.
+            d["exact"] = False
+            d["scope"] = "per fan-out worker"
+        return d
+
+    def for_worker(self, index, workers):
+        if workers <= 1:
+            return self
+        s = EveryN(self.n)
+        s.per_worker = True
+        return s
 
 
 class Uniform(Sampler):
@@ -62,7 +79,21 @@ class Uniform(Sampler):
         return np.nonzero(self.rng.random(n) < self.p)[0]
 
     def describe(self):
-        return {"type": self.kind, "p": self.p, "seed": self.seed}
+        d = {"type": self.kind, "p": self.p, "seed": self.seed}
+        if getattr(self, "worker_seed", None) is not None:
+            d["worker_seed"] = self.worker_seed
+        return d
+
+    def for_worker(self, index, workers):
+        if workers <= 1:
+            return self
+        s = Uniform(self.p, self.seed)
+        if self.seed is not None:
+            # A different, reproducible stream per worker: the same seed everywhere would
+            # make the workers' choices correlated (the same positions in each share).
+            s.worker_seed = [self.seed, index]
+            s.rng = np.random.default_rng(s.worker_seed)
+        return s
 
 
 def parse_sample_spec(spec: str | None) -> Sampler:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SITE_RE = re.compile(r"^[A-Z0-9][A-Z0-9_.-]{0,31}$")
 AGGREGATES = ("pcap", "counts", "flows")
+MAX_WORKERS = 64  # PACKET_FANOUT allows far more; beyond the cores it only costs memory
 
 
 class SettingsError(ValueError):
@@ -48,6 +49,7 @@ class Settings:
     user_text: str = ""
     device_name: str = ""
     config_name: str = ""
+    workers: int = 1  # live capture processes sharing the interface (PACKET_FANOUT)
 
     @property
     def effective_filter(self) -> str:
@@ -72,6 +74,12 @@ class Settings:
         for name in ("snaplen", "timeout_ms", "buffer_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be a positive integer")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) \
+                or not 1 <= self.workers <= MAX_WORKERS:
+            raise SettingsError(f"workers: --workers must be an integer 1..{MAX_WORKERS}")
+        if self.workers > 1 and self.read:
+            raise SettingsError("workers: --workers is for live capture (--interface) only, "
+                                "not with --read")
         if self.vlan is not None and not (isinstance(self.vlan, int) and 0 <= self.vlan <= 4095):
             raise SettingsError("vlan: must be an integer 0..4095")
         for name in ("rollover_seconds", "stats_interval", "counts_interval",

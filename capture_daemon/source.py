@@ -141,7 +141,8 @@ class LiveSource(PcapSource):
     live = True
 
     def __init__(self, interface: str, *, snaplen: int = 64, promiscuous: bool = True,
-                 timeout_ms: int = 1000, buffer_bytes: int = 1 << 20, filter_expr: str = ""):
+                 timeout_ms: int = 1000, buffer_bytes: int = 1 << 20, filter_expr: str = "",
+                 fanout_group: int | None = None):
         _need_pcapy()
         try:  # libpcap's own words for a missing device are misleading ("unsupported link type -3")
             socket.if_nametoindex(interface)
@@ -159,6 +160,15 @@ class LiveSource(PcapSource):
         super().__init__(handle, snaplen, f"interface {interface}")
         self.interface = interface
         self.set_filter(filter_expr)
+        if fanout_group is not None:
+            # After the filter: this socket joins the group already filtering. HASH keeps a
+            # flow on one socket (Linux hashes symmetrically, so both directions too).
+            try:
+                self.handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
+            except Exception as exc:
+                self.close()
+                raise SourceError(f"cannot join PACKET_FANOUT group {fanout_group} on "
+                                  f"{interface!r}: {exc}") from None
         # With TPACKET_V3 libpcap may block forever when no packets come (the kernel retires
         # a block only when it holds packets), so we wait on the descriptor ourselves.
         self.handle.setnonblock(1)
@@ -255,12 +265,13 @@ def _need_pcapy() -> None:
 
 def open_source(*, read: str | None, interface: str | None, filter_expr: str = "",
                 snaplen: int = 64, promiscuous: bool = True, timeout_ms: int = 1000,
-                buffer_bytes: int = 1 << 20) -> PcapSource:
+                buffer_bytes: int = 1 << 20, fanout_group: int | None = None) -> PcapSource:
     if read:
         src = OfflineSource(read, filter_expr=filter_expr)
     else:
         src = LiveSource(interface, snaplen=snaplen, promiscuous=promiscuous,
-                         timeout_ms=timeout_ms, buffer_bytes=buffer_bytes, filter_expr=filter_expr)
+                         timeout_ms=timeout_ms, buffer_bytes=buffer_bytes, filter_expr=filter_expr,
+                         fanout_group=fanout_group)
     if not hasattr(src.handle, "next_batch"):
         src.close()
         raise SourceError("the installed pcapy lacks next_batch: install pcapy-ng >= 2.1")

@@ -114,6 +114,19 @@ def _guard(server: GimsdServer, name: str, fn: Callable[..., Any]) -> Callable[.
     return call
 
 
+def _method_name_arg(server: GimsdServer, name: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The standard library's introspection looks its argument up in a dict: a struct or array
+    there raised TypeError (an "internal error"); refuse anything but a string with a reason."""
+    @functools.wraps(fn)
+    def call(method_name):
+        if not isinstance(method_name, str):
+            raise xmlrpc.client.Fault(server.fault_code(1), f"{name}: the method name must be a string, "
+                                      f"got {type(method_name).__name__}")
+        return fn(method_name)
+
+    return call
+
+
 def build_server(cfg: configmod.Config, units: UnitControl) -> tuple[GimsdServer, GimsAPI]:
     """Bind the server (cfg.port 0 picks a free port) and register every method twice."""
     try:
@@ -134,6 +147,8 @@ def build_server(cfg: configmod.Config, units: UnitControl) -> tuple[GimsdServer
                          tls_context=context, allowed_subjects=tls.allowed_subjects)
     server.distinct_fault_codes = cfg.distinct_fault_codes
     server.register_introspection_functions()
+    for name in ("system.methodHelp", "system.methodSignature"):
+        server.funcs[name] = _method_name_arg(server, name, server.funcs[name])
     for name in ("system.listMethods", "system.methodHelp", "system.methodSignature"):
         server.funcs[name] = _guard(server, name, server.funcs[name])  # wrong arity: a Fault, not a crash
     methods = RpcMethods(api)
