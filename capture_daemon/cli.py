@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -59,7 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fail(message: str) -> int:
     sys.stderr.write(f"gims-capture: {message}\n")
+    _status_before_exit(message)
     return EXIT_USAGE
+
+
+def _status_before_exit(message: str) -> None:
+    """Leave the reason in the unit's StatusText (systemd keeps it after the process is
+    gone), so gimsd's getExperimentStats shows why the capture failed, not only an exit code."""
+    if os.environ.get("NOTIFY_SOCKET"):
+        try:
+            import sdnotify
+            sdnotify.SystemdNotifier().notify("STATUS=failed: " + message.replace("\n", " ")[:400])
+        except Exception:
+            pass
 
 
 def main(argv=None) -> int:
@@ -109,7 +122,8 @@ def main(argv=None) -> int:
     try:
         totals = pipeline.run()
     except Exception as exc:  # report, don't dump a traceback into the journal as the only clue
-        log.exception("capture failed: %s", exc)
+        log.exception("capture from %s failed: %s", source.description, exc)
+        _status_before_exit(f"capture from {source.description} stopped: {exc}")
         return 1
     finally:
         notifier.stopping()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import select
+import socket
 import os
 import struct
 from typing import Iterator
@@ -143,6 +144,10 @@ class LiveSource(PcapSource):
                  timeout_ms: int = 1000, buffer_bytes: int = 1 << 20, filter_expr: str = "",
                  fanout_group: int | None = None):
         _need_pcapy()
+        try:  # libpcap's own words for a missing device are misleading ("unsupported link type -3")
+            socket.if_nametoindex(interface)
+        except OSError:
+            raise SourceError(f"cannot capture on {interface!r}: no such network interface") from None
         try:
             handle = pcapy.create(interface)
             handle.set_snaplen(snaplen)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,6 +99,10 @@ def upload_service_unit(exp_id: str) -> str:
     return f"gims-upload@{specmod.validate_experiment_id(exp_id)}.service"
 
 
+def upload_probe_unit(exp_id: str) -> str:
+    return f"gims-upload-probe@{specmod.validate_experiment_id(exp_id)}.service"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -130,6 +135,25 @@ def _uint(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= _UNSET:
         return None
     return value
+
+
+def _probe_journal_line(exp_id: str, since: float) -> str:
+    """The probe's own last line in the journal (SYSLOG_IDENTIFIER=gims-upload-probe,
+    EXPERIMENT=<id>), written at or after since; "" when there is none or no journal access."""
+    try:
+        from systemd import journal  # noqa: PLC0415 - python3-systemd, optional
+        r = journal.Reader()
+        r.add_match(EXPERIMENT=exp_id, SYSLOG_IDENTIFIER="gims-upload-probe")
+        r.seek_realtime(since)
+        last = ""
+        for entry in r:
+            msg = str(entry.get("MESSAGE") or "").strip()
+            if msg:  # gims-upload --test prints "OK: <reason>" or "FAILED: <reason>"
+                last = msg.removeprefix("OK: ").removeprefix("FAILED: ")
+        r.close()
+        return last
+    except Exception:
+        return ""
 
 
 class GimsAPI:
@@ -184,6 +208,18 @@ class GimsAPI:
 
     def _spool(self, exp_id: str) -> str:
         return os.path.join(self.config.spool_dir, specmod.validate_experiment_id(exp_id))
+
+    def _boot_stamp(self) -> int | None:
+        """systemd's start time (UnitManager.manager_boot_stamp), None when unknown (test doubles,
+        an older UnitManager, D-Bus trouble): then restore_after_boot falls back to unit state."""
+        stamp = getattr(self.units, "manager_boot_stamp", None)
+        if stamp is None:
+            return None
+        try:
+            value = stamp()
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+        except Exception:
+            return None
 
     def _save_state(self, exp_id: str, current: dict[str, Any], **changes: Any) -> dict[str, Any]:
         new = dict(current, **changes)
@@ -262,7 +298,8 @@ class GimsAPI:
                 self._save_state(exp_id, state, last_error=f"{_now()} start failed: {e}")
                 raise
             self._save_state(exp_id, state, state="running", started_at=_now(), stopped_at=None,
-                             delivered_at=None, last_error=None, runs=int(state.get("runs") or 0) + 1)
+                             delivered_at=None, last_error=None, runs=int(state.get("runs") or 0) + 1,
+                             systemd_boot=self._boot_stamp())
         self._failure_logged.discard(exp_id)
         log.info("experiment %s started", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: experiment {exp_id} started ({capture_unit(exp_id)})"
@@ -303,7 +340,7 @@ class GimsAPI:
             except UnitControlFailed as e:
                 self._save_state(exp_id, state, last_error=f"{_now()} resume failed: {e}")
                 raise
-            self._save_state(exp_id, state, state="running", resumed_at=_now())
+            self._save_state(exp_id, state, state="running", resumed_at=_now(), systemd_boot=self._boot_stamp())
         self._failure_logged.discard(exp_id)
         log.info("experiment %s resumed", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: experiment {exp_id} resumed"
@@ -364,14 +401,21 @@ class GimsAPI:
                                         "StorageSpec.storageparams.local_storage_dir")
         except SpecError as e:
             raise InvalidParams(str(e), e.field) from None
-        test = _optional("gimsd.storage", "test_storage")
-        if test is None:
-            raise StorageCheckFailed("storage cannot be tested: gimsd.storage is not installed on this node")
         secrets = specmod.secret_values(spec)
-        try:
-            ok, reason = test(specmod.to_storage_settings(spec, self.config))
-        except Exception as e:  # a back-end bug must still come back as a reason, not a crash
-            ok, reason = False, f"{type(e).__name__}: {e}"
+        if getattr(self.units, "runs_real_units", False):
+            # Under systemd: the probe runs as the uploads run (gims-upload-probe@<id>.service:
+            # user gims-upload, the storage.json credential, the upload unit's sandbox), so the
+            # answer is about the uploads, not about gimsd's own identity and read-only sandbox.
+            ok, reason = self._probe_in_unit(exp_id, spec)
+        else:
+            # No systemd to run the unit (gimsd with a test double): probe in this process.
+            test = _optional("gimsd.storage", "test_storage")
+            if test is None:
+                raise StorageCheckFailed("storage cannot be tested: gimsd.storage is not installed on this node")
+            try:
+                ok, reason = test(specmod.to_storage_settings(spec, self.config))
+            except Exception as e:  # a back-end bug must still come back as a reason, not a crash
+                ok, reason = False, f"{type(e).__name__}: {e}"
         reason = specmod.redact_text(str(reason), secrets)
         dest = spec["storage"]["storagetype"]
         if not ok:
@@ -382,6 +426,32 @@ class GimsAPI:
         log.info("storage test of %s passed", exp_id, extra={"EXPERIMENT": exp_id})
         return f"OK: {dest} storage of experiment {exp_id} accepted a write, read and delete" + (
             f" ({reason})" if reason else "")
+
+    def _probe_in_unit(self, exp_id: str, spec: dict[str, Any]) -> tuple[bool, str]:
+        """Start gims-upload-probe@<id>.service, wait for it, and read its verdict: the result
+        file it leaves in the spool, else its journal line, else systemd's unit result."""
+        unit = upload_probe_unit(exp_id)
+        with self._lock(exp_id):  # storage.json is what the probe (and the uploads) will read
+            self.store.write_storage_settings(exp_id, specmod.to_storage_settings(spec, self.config))
+        started = time.time() - 1.0  # result-file times are wall clock, written by another process
+        job_error = ""
+        try:
+            self.units.start_unit(unit)  # a oneshot: the job finishes when the probe has run
+        except UnitError as e:
+            job_error = str(e)
+        read_probe = _optional("gimsd.uploadstate", "read_probe_result")
+        verdict = read_probe(self._spool(exp_id), started) if read_probe else None
+        if verdict is not None:
+            return verdict["ok"], verdict["reason"]
+        line = _probe_journal_line(exp_id, started)
+        if not job_error:
+            return True, line or f"{unit} finished successfully"
+        status, _ = self._unit_status(unit)
+        why = ""
+        if status:
+            code = status.get("exec_main_status")
+            why = f" (result {status.get('result') or 'unknown'}" + (f", exit status {code}" if code else "") + ")"
+        return False, (line or f"{unit} did not succeed: {job_error}") + why
 
     def state(self) -> dict[str, Any]:
         experiments: dict[str, Any] = {}
@@ -623,6 +693,7 @@ class GimsAPI:
         since systemd started (ActiveEnterTimestamp 0: the node rebooted) are started again. A
         capture that ran in this boot and ended is left as it is (reported failed/exited)."""
         restored = []
+        boot = self._boot_stamp()
         for exp_id in self.store.list_ids():
             with self._lock(exp_id):
                 try:
@@ -637,9 +708,13 @@ class GimsAPI:
                     if _never_active(path):  # files may be waiting: delivery resumes in any case
                         self._unit("start_unit", upload_path_unit(exp_id), exp_id)
                     cap, _ = self._unit_status(capture_unit(exp_id))
-                    if desired == "running" and _never_active(cap):
+                    # Same systemd as when it was started: no reboot. A capture unit that looks
+                    # never-active was stopped by hand and garbage-collected: leave it be.
+                    same_boot = boot is not None and state.get("systemd_boot") == boot
+                    if desired == "running" and _never_active(cap) and not same_boot:
                         self._write_unit_files(exp_id, spec)
                         self._unit("start_unit", capture_unit(exp_id), exp_id)
+                        self._save_state(exp_id, state, systemd_boot=boot)
                         restored.append(exp_id)
                         log.info("experiment %s: capture started again after a node restart", exp_id,
                                  extra={"EXPERIMENT": exp_id})

@@ -24,7 +24,9 @@ from typing import Any
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
 
-UNIT_NAME_RE = re.compile(r"^(capture|gims-upload)@[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(service|path)$")
+_INSTANCE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+UNIT_NAME_RE = re.compile(rf"^(capture@{_INSTANCE}\.service|gims-upload@{_INSTANCE}\.(service|path)"
+                          rf"|gims-upload-probe@{_INSTANCE}\.service)$")
 UINT64_MAX = 2**64 - 1
 
 _SYSTEMD = "org.freedesktop.systemd1"
@@ -60,8 +62,8 @@ class UnitError(Exception):
 def check_unit_name(name: str) -> str:
     # fullmatch: "$" alone would let a trailing newline through
     if not isinstance(name, str) or not UNIT_NAME_RE.fullmatch(name):
-        raise UnitError(f"refused unit name {name!r}: gimsd manages only capture@<id>.service "
-                        "and gims-upload@<id>.service/.path")
+        raise UnitError(f"refused unit name {name!r}: gimsd manages only capture@<id>.service, "
+                        "gims-upload@<id>.service/.path and gims-upload-probe@<id>.service")
     return name
 
 
@@ -99,6 +101,10 @@ def read_cgroup_cpu(control_group: str, roots: tuple[str, ...] = _CGROUP_ROOTS) 
 class UnitManager:
     """Synchronous facade over systemd's D-Bus API for gims's own units."""
 
+    # gimsd runs its storage probe as gims-upload-probe@<id>.service (the uploads' own user
+    # and sandbox) only with a real systemd; test doubles leave this False (in-process probe).
+    runs_real_units = True
+
     def __init__(self, job_timeout: float = 120.0, call_timeout: float = 30.0,
                  bus_address: str | None = None):
         self.job_timeout = job_timeout
@@ -134,6 +140,13 @@ class UnitManager:
 
     def unit_status(self, name: str) -> dict[str, Any]:
         return self._run(self._status(check_unit_name(name)))
+
+    def manager_boot_stamp(self) -> int:
+        """When this systemd started (its UserspaceTimestamp, usec): differs after every boot of
+        the node, equal across gimsd restarts. gimsd stores it with a started experiment so that
+        at its own start it can tell a node reboot from a unit someone stopped in this boot."""
+        (value,) = self._run(self._call(_MANAGER_PATH, _PROPS, "Get", "ss", [_MANAGER, "UserspaceTimestamp"]))
+        return int(value.value)
 
     def list_units(self, pattern: str) -> list[str]:
         """Names of loaded units matching a shell-style pattern (e.g. "capture@*")."""

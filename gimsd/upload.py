@@ -40,7 +40,7 @@ from .storage.base import (PermanentStorageError, StorageError, TransientStorage
                            sha256_file)
 from .uploadstate import (DELIVERED_DIR, FAILED_DIR, META_SUFFIX, StatusFile, UploadLog,
                           incomplete_entries, log_tail, orphan_metadata, pending_files,
-                          read_status, utcnow, write_json_atomic)
+                          read_status, utcnow, write_json_atomic, write_probe_result)
 
 __all__ = ["main", "read_status", "log_tail", "Uploader"]
 
@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def refuse(msg: str, node: dict | None = None) -> int:
         log.error(msg)
+        if args.test:  # the probe's answer, for gimsd's testExperimentStorage
+            write_probe_result(spool, False, msg)
+            print(msg)
+            return 1
         StatusFile(spool, exp).error(msg, permanent=True)
         if not args.once and not args.test:
             # Under the .path unit an immediate exit would be restarted at once, over and
@@ -384,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{e.strerror if isinstance(e, OSError) else e}")
 
     if args.test:
-        ok, reason = storage.test_storage(settings)
-        print(reason)
+        ok, reason = storage.test_storage(settings)  # never raises, never shows a secret
+        # the verdict for gimsd (spool file) and the journal (stdout under systemd)
+        write_probe_result(spool, ok, reason)
+        print(("OK: " if ok else "FAILED: ") + reason, flush=True)
         return 0 if ok else 1
     try:
         up = Uploader(settings, spool, exp, log, once=args.once)

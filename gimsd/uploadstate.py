@@ -17,10 +17,14 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Any
 
 STATUS_FILE = ".gims-upload-status.json"
 LOG_FILE = ".gims-upload.log"
+# Result of the last storage probe (gims-upload --test, run by gims-upload-probe@<id>.service):
+# {"ok": bool, "reason": str, "time": epoch seconds, "invocation": systemd's INVOCATION_ID}.
+PROBE_FILE = ".gims-probe.json"
 FAILED_DIR = ".failed"
 DELIVERED_DIR = ".delivered"
 META_SUFFIX = ".meta.json"
@@ -315,3 +319,29 @@ def log_tail(experiment: str, n: int, spool_dir: str) -> list[str]:
         except OSError:
             continue
     return out[-n:]
+
+
+def write_probe_result(spool_dir: str, ok: bool, reason: str) -> bool:
+    """Leave the probe's verdict where gimsd (group gims-spool) can read it; False when the
+    spool cannot take it (a full disk: gimsd then falls back to the unit's result)."""
+    try:
+        write_json_atomic(os.path.join(spool_dir, PROBE_FILE),
+                          {"ok": bool(ok), "reason": str(reason), "time": time.time(),
+                           "invocation": os.environ.get("INVOCATION_ID", "")})
+        return True
+    except OSError:
+        return False
+
+
+def read_probe_result(spool_dir: str, not_before: float) -> dict[str, Any] | None:
+    """The probe verdict written at or after not_before (epoch seconds), else None."""
+    try:
+        with open(os.path.join(spool_dir, PROBE_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("time"), (int, float)):
+        return None
+    if data["time"] < not_before or not isinstance(data.get("ok"), bool):
+        return None
+    return {"ok": data["ok"], "reason": str(data.get("reason") or "")}

@@ -17,9 +17,22 @@ mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
 
 # Copy-on-write overlays: every write under /etc, /var, /srv lands in this tmpfs, which
 # disappears with the namespace. The host's files are the read-only lower layer.
+# GIMS_SANDBOX_KEEP=/host/dir keeps the upper layers there instead (a node "reboot" for the
+# reliability tests: down.sh + up.sh with the same directory finds /etc, /var, /srv as they
+# were at the power cut). It must lie outside /etc, /var, /srv (an overlay's upper layer
+# inside its own lower layer is refused by the kernel) and /run (covered just above).
 ovl=/run/gims-sandbox-overlay
 mkdir -p "$ovl"
-mount -t tmpfs -o mode=700 tmpfs "$ovl"
+if [ -n "${GIMS_SANDBOX_KEEP:-}" ]; then
+    case "$(realpath -m "$GIMS_SANDBOX_KEEP")/" in
+        /etc/*|/var/*|/srv/*|/run/*|/) echo "boot.sh: GIMS_SANDBOX_KEEP must lie outside /etc, /var, /srv, /run" >&2; exit 1;;
+    esac
+    mkdir -p -m 0700 "$GIMS_SANDBOX_KEEP"
+    mount --bind "$GIMS_SANDBOX_KEEP" "$ovl"
+    echo "gims-sandbox: keeping /etc, /var, /srv changes in $GIMS_SANDBOX_KEEP (host)"
+else
+    mount -t tmpfs -o mode=700 tmpfs "$ovl"
+fi
 for d in etc var srv; do
     mkdir -p "$ovl/$d/upper" "$ovl/$d/work"
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$ovl/$d/upper,workdir=$ovl/$d/work" "/$d"

@@ -195,7 +195,8 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     for path in ("/usr/bin/gimsd", "/usr/bin/gimsctl", "/usr/bin/gims-capture",
                  "/usr/bin/gims-upload", "/lib/systemd/system/gimsd.service",
                  "/lib/systemd/system/capture@.service", "/lib/systemd/system/gims-upload@.service",
-                 "/lib/systemd/system/gims-upload@.path", "/usr/lib/sysusers.d/gims.conf",
+                 "/lib/systemd/system/gims-upload@.path",
+                 "/lib/systemd/system/gims-upload-probe@.service", "/usr/lib/sysusers.d/gims.conf",
                  "/usr/lib/tmpfiles.d/gims.conf", "/usr/share/polkit-1/rules.d/50-gims.rules",
                  "/etc/gims/gimsd.toml", "/usr/share/man/man8/gimsd.8.gz",
                  "/usr/share/man/man8/gims-capture.8.gz", "/usr/share/man/man1/gimsctl.1.gz",
@@ -206,7 +207,8 @@ def test_install_run_upgrade_remove_purge(node, debs, veth):
     assert node.exec("stat", "-c", "%U:%G %a", "/var/lib/gims").stdout.split() == ["gims:gims",
                                                                                 "750"]
     assert unit_prop(node, "gimsd.service", "UnitFileState") == "enabled"
-    for template in ("capture@.service", "gims-upload@.service", "gims-upload@.path"):
+    for template in ("capture@.service", "gims-upload@.service", "gims-upload@.path",
+                     "gims-upload-probe@.service"):
         state = node.exec("systemctl", "is-enabled", template, check=False).stdout.strip()
         assert state in ("static", "disabled"), f"{template} is {state}"
     assert node.sh("systemctl list-units --all --plain --no-legend 'capture@*' 'gims-upload@*'"
