@@ -7,6 +7,7 @@ packets advances on the wall clock, so empty intervals still close a valid file.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ class Pipeline:
         self.boundary = math.inf
         self.totals = dict.fromkeys(COUNTER_NAMES, 0)
         self.totals["packets_unwritten"] = 0
+        self.pcap_base = (0, 0, 0)  # libpcap counters of earlier processes of this experiment
         self.stop_requested = False
         self.rotate_requested = False
         self.suspended: str | None = None  # "disk full" / "quota": counting, not writing
@@ -77,6 +79,7 @@ class Pipeline:
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
         if self.fanout is None:  # a fan-out worker's spool was recovered by its supervisor
+            self._continue_counters()
             recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
             self.spool.files_written += len(recovered)
         self.guard.ensure_reserve()
@@ -377,8 +380,30 @@ class Pipeline:
                     bytes_observed=self.totals["bytes_observed"]))
 
     # ------------------------------------------------------------------ reporting
+    def _continue_counters(self) -> None:
+        """Carry the experiment's counters over from the previous capture process.
+
+        A paused and resumed (or restarted) experiment is one experiment to its AM: its
+        totals, libpcap's included, continue from what the last process reported in
+        .gims-status.json rather than starting again from zero.
+        """
+        try:
+            with open(os.path.join(self.s.output_dir, ".gims-status.json"), encoding="utf-8") as fh:
+                previous = json.load(fh)
+        except (OSError, ValueError):
+            return
+        if not isinstance(previous, dict) or previous.get("experiment") != self.s.experiment:
+            return
+        def number(key):
+            v = previous.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+        for key in self.totals:
+            self.totals[key] += number(key)
+        self.spool.files_written += number("files_written")
+        self.pcap_base = tuple(number(k) for k in ("ps_recv", "ps_drop", "ps_ifdrop"))
+
     def counters(self) -> dict:
-        recv, drop, ifdrop = self.source.stats()
+        recv, drop, ifdrop = (a + b for a, b in zip(self.source.stats(), self.pcap_base))
         return dict(self.totals, files_written=self.spool.files_written, ps_recv=recv,
                     ps_drop=drop, ps_ifdrop=ifdrop, writing_suspended=self.suspended)
 

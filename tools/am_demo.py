@@ -60,8 +60,9 @@ def main() -> int:
         time.sleep(1)
     print(f"   final: files_written={st.get('files_written')} files_uploaded={st.get('files_uploaded')} "
           f"files_pending={st.get('files_pending')} last_upload_error={st.get('last_upload_error')!r}")
-    print("   storage log:")
-    for line in am.getStorageLog(exp, 5) or []:
+    print("   storage log (last 5 lines):")
+    log = am.getStorageLog(exp, 5) or ""
+    for line in (log.splitlines() if isinstance(log, str) else log):
         print("     ", line)
     ok = bool(st.get("files_uploaded")) and not st.get("files_pending")
     return 0 if ok else 1

@@ -212,3 +212,13 @@ def test_bad_config_names_the_field(tmp_path, cfg, message):
     proc = run_capture("--config", path, check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert "abc" not in proc.stderr or "anon_key_hex" not in cfg  # a key is never echoed
+
+
+def test_counters_continue_across_capture_processes(tmp_path):
+    """Pause/resume restarts the capture process: the experiment's totals carry on."""
+    trace = os.path.join(DATA, "zeek__5-pings.pcap")
+    for _ in range(2):
+        run_capture("--read", trace, "--output-dir", tmp_path, "--experiment", "cont")
+    status = json.load(open(tmp_path / ".gims-status.json"))
+    assert status["packets_observed"] == 20 and status["files_written"] == 2
+    assert len(data_files(tmp_path)) == 2
