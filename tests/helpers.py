@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -66,3 +67,37 @@ def pcap_count(path: str) -> int:
     if out.returncode != 0:
         raise AssertionError(f"tcpdump cannot read {path}: {out.stderr}")
     return len(out.stdout.splitlines())
+
+
+def sh(*cmd, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def veth_pair(prefix: str, net4: str, net6: str | None = None):
+    """(host end, namespace) of a fresh veth pair: <net4>.1 on the host end (in the host's
+    network namespace, where a capture runs), <net4>.2 on the peer inside a namespace of its own
+    (where test traffic is sent from). Names carry the prefix and the pid, so concurrent runs
+    do not collide; everything is deleted afterwards."""
+    if os.geteuid() != 0:
+        raise AssertionError("live capture tests need root (network namespaces); CI runs as root")
+    tag = f"{os.getpid() % 100000}"
+    ns, host, peer = f"{prefix}{tag}", f"{prefix}{tag}h", f"{prefix}{tag}p"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "addr", "add", f"{net4}.1/24", "dev", host)
+        if net6:
+            sh("ip", "addr", "add", f"{net6}1/64", "dev", host, "nodad")
+        sh("ip", "link", "set", host, "up")
+        inside = ("ip", "netns", "exec", ns)
+        sh(*inside, "ip", "addr", "add", f"{net4}.2/24", "dev", peer)
+        if net6:
+            sh(*inside, "ip", "addr", "add", f"{net6}2/64", "dev", peer, "nodad")
+        sh(*inside, "ip", "link", "set", peer, "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+        yield host, ns
+    finally:
+        sh("ip", "link", "del", host, check=False)
+        sh("ip", "netns", "del", ns, check=False)

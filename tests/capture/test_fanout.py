@@ -18,35 +18,16 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, run_capture
+from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, run_capture, sh, veth_pair
 
 PAYLOAD_RE = re.compile(rb"gims-fanout-(\d{7})")
-
-
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
 @pytest.fixture
 def veth():
     """(host end, namespace) of a fresh veth pair, 10.203.0.1 (host) <-> 10.203.0.2 (ns)."""
-    if os.geteuid() != 0:
-        pytest.fail("live capture tests need root (network namespaces); CI runs as root")
-    tag = f"{os.getpid() % 100000}"
-    ns, host, peer = f"gfan{tag}", f"gfan{tag}h", f"gfan{tag}p"
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
-        sh("ip", "link", "set", peer, "netns", ns)
-        sh("ip", "addr", "add", "10.203.0.1/24", "dev", host)
-        sh("ip", "link", "set", host, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "10.203.0.2/24", "dev", peer)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield host, ns
-    finally:
-        sh("ip", "link", "del", host, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+    with veth_pair("gfan", "10.203.0") as pair:
+        yield pair
 
 
 # n packets round-robin over `flows` UDP sockets (one source port each), numbered 0..n-1.

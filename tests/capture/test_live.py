@@ -12,37 +12,16 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count
+from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, sh, veth_pair
 
 pytestmark = pytest.mark.integration
 
 
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
 @pytest.fixture
 def veth():
-    """(host end name, namespace name, peer IPv4, peer IPv6) of a fresh veth pair."""
-    if os.geteuid() != 0:
-        pytest.fail("live capture tests need root (network namespaces); CI runs as root")
-    tag = f"{os.getpid() % 100000}"
-    ns, host, peer = f"gcap{tag}", f"gcap{tag}h", f"gcap{tag}p"
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
-        sh("ip", "link", "set", peer, "netns", ns)
-        sh("ip", "addr", "add", "10.201.0.1/24", "dev", host)
-        sh("ip", "addr", "add", "fd00:201::1/64", "dev", host, "nodad")
-        sh("ip", "link", "set", host, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "10.201.0.2/24", "dev", peer)
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", "fd00:201::2/64", "dev", peer, "nodad")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield host, ns
-    finally:
-        sh("ip", "link", "del", host, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+    """(host end, namespace) of a fresh veth pair: 10.201.0.1 / fd00:201::1 on the host end."""
+    with veth_pair("gcap", "10.201.0", "fd00:201::") as pair:
+        yield pair
 
 
 def start_capture(out, iface, *extra):
