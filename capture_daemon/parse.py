@@ -153,7 +153,6 @@ def _link_layer(batch: Batch, rd: _Reader):
 
 
 def parse(batch: Batch) -> Headers:
-    n = len(batch)
     rd = _Reader(batch)
     l3, ethertype, vlan, malformed = _link_layer(batch, rd)
     malformed = malformed & (batch.wirelen > 0)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 
 import numpy as np

@@ -17,7 +17,8 @@ import os
 import struct
 import time
 
-from .spool import fsync_dir, utc_iso, write_json_atomic
+from .atomic import fsync_dir, write_json_atomic
+from .spool import utc_iso
 
 log = logging.getLogger("gims-capture")
 

@@ -17,6 +17,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from .atomic import fsync_dir, write_json_atomic
+
 WRITE_BUFFER_BYTES = 1 << 20
 
 
@@ -105,26 +107,6 @@ def utc_iso(t: float | None) -> str | None:
 
 def file_stamp(t: float) -> str:
     return datetime.fromtimestamp(int(t), timezone.utc).strftime("%Y%m%d%H%M%S")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a hidden temp file, fsync, rename over path."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name.lstrip('.')}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class OpenFile:

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading

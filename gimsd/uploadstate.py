@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any
 
+from capture_daemon.atomic import write_json_atomic as _write_json_atomic
+
 STATUS_FILE = ".gims-upload-status.json"
 LOG_FILE = ".gims-upload.log"
 # Result of the last storage probe (gims-upload --test, run by gims-upload-probe@<id>.service):
@@ -107,22 +109,7 @@ def failed_files(spool: str) -> list[str]:
 
 def write_json_atomic(path: str, obj: Any, mode: int = 0o640) -> None:
     """temp file in the same directory, fsync, rename: readers see the old or the new file."""
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".{base.lstrip('.')}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_json_atomic(path, obj, mode=mode, sort_keys=True)
 
 
 _STATUS_DEFAULTS: dict[str, Any] = {

@@ -101,3 +101,16 @@ def veth_pair(prefix: str, net4: str, net6: str | None = None):
     finally:
         sh("ip", "link", "del", host, check=False)
         sh("ip", "netns", "del", ns, check=False)
+
+
+def wait_for(pred, timeout: float = 30.0, step: float = 0.5):
+    """Poll pred until it returns something true (returned) or the timeout passes (its last
+    value is returned, so an assert shows what it was)."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()

@@ -10,6 +10,8 @@ import hashlib
 import os
 from typing import Any
 
+from capture_daemon.atomic import fsync_dir
+
 from .base import (CHUNK, PermanentStorageError, Receipt, StorageBackend,
                    TransientStorageError)
 
@@ -44,14 +46,6 @@ def _classify(e: OSError, what: str) -> Exception:
     if e.errno in _PERMANENT_ERRNOS:
         return PermanentStorageError(msg)
     return TransientStorageError(msg)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Backend(StorageBackend):
@@ -112,7 +106,7 @@ class Backend(StorageBackend):
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, target)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             try:
                 os.unlink(tmp)
@@ -148,7 +142,7 @@ class Backend(StorageBackend):
     def delete(self, remote_name: str) -> None:
         try:
             os.unlink(self._target(remote_name))
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except FileNotFoundError:
             pass
         except OSError as e:

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import xmlrpc.client
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,13 @@ def exp_id(sandbox, request):
     for unit in (f"capture@{name}.service", f"gims-upload@{name}.path", f"gims-upload@{name}.service"):
         sandbox.systemctl("stop", unit, check=False)
         sandbox.systemctl("reset-failed", unit, check=False)
+
+
+@pytest.fixture
+def am(gimsd_url):
+    """An XML-RPC client to the sandbox's gimsd, as an AM would hold one."""
+    return xmlrpc.client.ServerProxy(gimsd_url.rstrip("/") + "/RPC2", allow_none=True)
+
+
+def stats(am, exp):
+    return am.getExperimentStats({"ExperimentId": exp})

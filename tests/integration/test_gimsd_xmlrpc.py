@@ -11,26 +11,14 @@ import xmlrpc.client
 
 import pytest
 
+from tests.helpers import wait_for
+from tests.integration.conftest import stats
+
 pytestmark = pytest.mark.integration
 
 
-def wait_for(pred, timeout=30.0, step=0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
-@pytest.fixture
-def am(gimsd_url):
-    return xmlrpc.client.ServerProxy(gimsd_url.rstrip("/") + "/RPC2", allow_none=True)
-
-
-def stats(am, exp):
-    return am.getExperimentStats({"ExperimentId": exp})
 
 
 def delivered(sandbox, exp):

@@ -9,17 +9,11 @@ import time
 
 import pytest
 
+from tests.helpers import wait_for
+
 pytestmark = pytest.mark.integration
 
 
-def wait_for(pred, timeout=20.0, step=0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def probe_result(sandbox, exp):

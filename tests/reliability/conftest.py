@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
+
 # The sandbox fixtures of tests/integration (one node per session: a second import of the
 # same fixture finds the node up from this repository and reuses it).
-from tests.integration.conftest import gimsd_url, sandbox, upload_units  # noqa: F401
+from tests.integration.conftest import am, gimsd_url, sandbox, stats, upload_units  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIGURES = Path(os.environ.get("GIMS_RELIAB_FIGURES", "/var/tmp/gims-reliability-figures.jsonl"))
@@ -44,23 +46,8 @@ def exp_id(sandbox, request):
         sandbox.systemctl("reset-failed", unit, check=False)
 
 
-def wait_for(pred, timeout=30.0, step=0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
-@pytest.fixture
-def am(gimsd_url):
-    return xmlrpc.client.ServerProxy(gimsd_url.rstrip("/") + "/RPC2", allow_none=True)
-
-
-def stats(am, exp):
-    return am.getExperimentStats({"ExperimentId": exp})
 
 
 def gimsd_answering() -> bool:
