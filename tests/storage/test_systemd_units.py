@@ -57,7 +57,12 @@ mount -t tmpfs -o mode=755 gims-storage-srv /srv
 echo 'gims-spool:x:64990:gims-upload' >> /etc/group
 echo 'gims-upload:x:64991:' >> /etc/group
 echo 'gims-upload:x:64991:64991:gims upload:/nonexistent:/usr/sbin/nologin' >> /etc/passwd
-printf '#!/bin/sh\nPYTHONPATH=%(repo)s exec %(python)s -m gimsd.upload "$@"\n' > /usr/bin/gims-upload
+# The units have PrivateTmp=: a checkout under /tmp or /var/tmp (CI's clone may be there) would
+# vanish for them, so the repository is bind-mounted read-only under /run, which they see.
+mkdir -p /run/gims-repo
+mount --bind %(repo)s /run/gims-repo
+mount -o remount,bind,ro /run/gims-repo
+printf '#!/bin/sh\nPYTHONPATH=/run/gims-repo exec %(unit_python)s -m gimsd.upload "$@"\n' > /usr/bin/gims-upload
 chmod 755 /usr/bin/gims-upload
 mkdir -p /run/systemd/system
 for u in %(mask)s; do ln -sf /dev/null /run/systemd/system/$u; done
@@ -72,7 +77,11 @@ exec /lib/systemd/systemd --system --unit=basic.target
 
 class NamespacedSystemd:
     def __init__(self):
-        boot = BOOT % {"repo": REPO, "python": sys.executable, "mask": " ".join(MASK),
+        # the venv usually lives in the repository: the units then run it through the bind mount
+        python = Path(sys.executable)
+        unit_python = (Path("/run/gims-repo") / python.relative_to(REPO)
+                       if python.is_relative_to(REPO) else python)
+        boot = BOOT % {"repo": REPO, "unit_python": unit_python, "mask": " ".join(MASK),
                        "units": REPO / "units"}
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",
