@@ -255,8 +255,9 @@ class Pipeline:
                     raise
                 recovered = []
             self.spool.files_written += len(recovered)
-            self.totals["packets_written"] += sum(_recovered_packets(p) for p in recovered)
-            self.totals["packets_unwritten"] -= sum(_recovered_packets(p) for p in recovered)
+            packets = sum(_recovered_packets(p) for p in recovered)
+            self.totals["packets_written"] += packets
+            self.totals["packets_unwritten"] -= packets
         if not self.guard.can_resume(self.suspended):
             return
         log.info("spool %s has room again: writing resumes", self.s.output_dir)

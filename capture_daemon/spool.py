@@ -22,10 +22,6 @@ from .atomic import fsync_dir, write_json_atomic
 WRITE_BUFFER_BYTES = 1 << 20
 
 
-class SpoolFullError(OSError):
-    """The spool's file system is full (ENOSPC/EDQUOT): capture keeps counting, not writing."""
-
-
 class HashingFile:
     """A binary file written and hashed (sha256) by a writer thread of its own.
 
@@ -91,13 +87,6 @@ class HashingFile:
         except OSError:
             pass
 
-    def abandon(self) -> None:
-        self.detach()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
 
 def utc_iso(t: float | None) -> str | None:
     if t is None:
@@ -150,20 +139,21 @@ class Spool:
                 return OpenFile(name, tmp, start_time)
             except FileExistsError:
                 continue  # another writer took this name between our check and the create
-            except OSError as exc:
-                raise _classify(exc) from None
 
     def commit(self, of: OpenFile, metadata: dict) -> str:
-        """fsync + rename the data file, then write its metadata record; returns the path."""
+        """fsync + rename the data file, then write its metadata record; returns the path.
+
+        On failure (a full disk) nothing is deleted: the temp file, or the data file already
+        renamed but without its record, is left for recovery (capture_daemon.recovery)."""
         try:
             of.file.finish()
             final = self._place(of)
             metadata.update(data_file=of.name, size=of.file.size, sha256=of.file.sha256.hexdigest())
             write_json_atomic(final + ".meta.json", metadata)
             fsync_dir(self.directory)
-        except OSError as exc:
-            of.file.abandon()
-            raise _classify(exc) from None
+        except OSError:
+            of.file.detach()
+            raise
         self.files_written += 1
         self.bytes_written += of.file.size
         return final
@@ -214,7 +204,8 @@ class Spool:
 
 
 def is_space_error(exc: OSError) -> bool:
-    return isinstance(exc, SpoolFullError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """The spool's file system is full (ENOSPC/EDQUOT): capture keeps counting, not writing."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class SpoolGuard:
@@ -299,9 +290,3 @@ class SpoolGuard:
         # a quarter of a small file system is enough to be worth trying again
         need = min(self.RESUME_FREE_BYTES, st.f_blocks * st.f_frsize // 4)
         return st.f_bavail * st.f_frsize >= need
-
-
-def _classify(exc: OSError) -> OSError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFullError(exc.errno, f"spool full: {exc.strerror}")
-    return exc
