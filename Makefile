@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: deps check test unit demo sandbox sandbox-down bench clean
+.PHONY: deps build check test unit demo sandbox sandbox-down bench clean
 
 # Install the Debian packages and the venv the project needs (idempotent).
 deps: $(STAMP)
@@ -12,29 +12,34 @@ $(STAMP): .ci/apt-packages.txt requirements-test.txt pyproject.toml
 	tools/install-deps.sh $(VENV)
 	touch $@
 
+# The C accelerators of the capture path (capture_daemon/_accel_*.c), built in place so the
+# repository's code (tests, sandbox, demo) runs with them.
+build: deps
+	$(PY) setup.py -q build_ext --inplace
+
 # The test suite, integration tests included (they need root: namespaces, systemd sandbox).
-check: deps
+check: build
 	$(PY) -m pytest -p no:cacheprovider tests
 
 test: check
 
 # Unit tests only (no root needed for most).
-unit: deps
+unit: build
 	$(PY) -m pytest -p no:cacheprovider tests -m "not integration"
 
 # The main job end to end.
-demo: deps
+demo: build
 	tools/demo.sh
 
 # A throwaway capture node: systemd in a PID+mount namespace, units, polkit, traffic, gimsd on :8001.
-sandbox: deps
+sandbox: build
 	sandbox/up.sh
 
 sandbox-down:
 	sandbox/down.sh
 
-bench: deps
+bench: build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info capture_daemon/_accel_*.so
