@@ -125,7 +125,10 @@ class MeterStats:
     hash_fallbacks: int = 0   # batches regrouped exactly after a 44-bit hash collision
 
 
-class FlowMeter:
+class NumpyFlowMeter:
+    """The numpy reference meter (what CFlowMeter must match record for record)."""
+    accelerated = False
+
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
                  tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
                  biflow: bool = False, scan_interval: float = 1.0):
@@ -162,8 +165,14 @@ class FlowMeter:
         self._out = []
         return out
 
-    def add(self, ts_us: np.ndarray, h, sel: np.ndarray) -> None:
-        """Meter the packets where sel is True. h: parse.Headers-like arrays, ts_us int64."""
+    def add(self, ts_us: np.ndarray, h, sel: np.ndarray, buf=None) -> None:
+        """Meter the packets where sel is True. h: parse.Headers-like arrays, ts_us int64.
+        buf: the batch buffer; given, addresses are read back from the packet bytes at h.l3
+        (see flow_output._with_packet_addresses)."""
+        if buf is not None:
+            from types import SimpleNamespace
+            from capture_daemon.flow_output import _with_packet_addresses
+            h = _with_packet_addresses(SimpleNamespace(buf=buf), h)
         sel = np.asarray(sel, dtype=bool)
         ver = h.ipver
         ip = sel & ((ver == 4) | (ver == 6))
@@ -545,3 +554,98 @@ class FlowMeter:
         pick = np.lexsort((used, last))[:over]
         self.stats.forced_expiries += over
         self._expire_slots(used[pick], END_RESOURCES)
+
+
+# ---- the C meter ---------------------------------------------------------------------------
+try:
+    from capture_daemon import _accel_flows
+except ImportError:          # not built (python setup.py build_ext --inplace): numpy only
+    _accel_flows = None
+
+# The C module writes records in RECORD_DTYPE's packed layout: check it is the one it knows.
+_LAYOUT = [0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 89, 90, 91, 92, 93]
+ACCEL = (_accel_flows is not None and RECORD_DTYPE.itemsize == 94
+         and [RECORD_DTYPE.fields[f][1] for f in RECORD_DTYPE.names] == _LAYOUT)
+
+# parse.Headers' dtypes: the C meter reads these arrays as raw buffers
+_HDR_DTYPES = (("ipver", np.uint8), ("src4", np.uint32), ("dst4", np.uint32),
+               ("src6", np.uint8), ("dst6", np.uint8), ("vlan", np.int32),
+               ("sport", np.uint16), ("dport", np.uint16), ("proto", np.uint8),
+               ("tcpflags", np.uint8), ("tos", np.uint8), ("iplen", np.int64))
+
+
+class CFlowMeter:
+    """FlowMeter with the per-packet work (keys, grouping, segments, merge, expiry) in C
+    (capture_daemon/_accel_flows.c).  Same records, fields, end reasons and order as
+    NumpyFlowMeter: it reproduces the reference's group order (the same 44-bit hash of
+    _HASH_C), its slot allocator and free stack, and its expiry order.  Header arrays must
+    have parse.Headers' dtypes or values that fit them (converted; else TypeError, where
+    the reference would have read the out-of-range values as they are)."""
+    accelerated = True
+
+    def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
+                 tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
+                 biflow: bool = False, scan_interval: float = 1.0):
+        if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
+            raise ValueError("flow timeouts must be positive")
+        if max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        self.idle_us = int(round(idle_timeout * 1e6))
+        self.active_us = int(round(active_timeout * 1e6))
+        self.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
+        self.max_flows = int(max_flows)
+        self.biflow = bool(biflow)
+        self.scan_us = int(round(scan_interval * 1e6))
+        self._m = _accel_flows.Meter(self.idle_us, self.active_us, self.end_us, self.scan_us,
+                                     self.max_flows, self.biflow,
+                                     [int(x) for x in _HASH_C])
+        self._octets = 0
+
+    @property
+    def stats(self) -> MeterStats:
+        st = MeterStats(*self._m.stats())
+        st.octets = self._octets
+        return st
+
+    @property
+    def active_flows(self) -> int:
+        return self._m.active()
+
+    def take_records(self) -> np.ndarray:
+        return np.frombuffer(self._m.take(), dtype=RECORD_DTYPE)
+
+    @staticmethod
+    def _arr(h, name, dt):
+        a = np.asarray(getattr(h, name))
+        if a.dtype != dt:
+            if not np.can_cast(a.dtype, dt, casting="safe") and not (
+                    a.size == 0 or (np.issubdtype(a.dtype, np.integer)
+                                    and np.iinfo(dt).min <= a.min() and a.max() <= np.iinfo(dt).max)):
+                raise TypeError(f"headers.{name}: {a.dtype} values do not fit {np.dtype(dt)}")
+            a = a.astype(dt)
+        return np.ascontiguousarray(a)
+
+    def add(self, ts_us: np.ndarray, h, sel: np.ndarray, buf=None) -> None:
+        """As NumpyFlowMeter.add.  buf: read the addresses back from the packet bytes."""
+        ts = np.ascontiguousarray(ts_us, dtype=np.int64)
+        n = len(ts)
+        a = [self._arr(h, name, dt) for name, dt in _HDR_DTYPES]
+        sel = np.ascontiguousarray(np.broadcast_to(np.asarray(sel, dtype=bool), (n,)))
+        for x in a:
+            if len(x) != n:
+                raise ValueError("header arrays and timestamps differ in length")
+        if buf is not None:
+            buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+            l3 = self._arr(h, "l3", np.int64)
+        else:
+            l3 = None
+        self._octets += self._m.add(ts, *a, sel, buf, l3)
+
+    def advance(self, now_us: int) -> None:
+        self._m.advance(int(now_us))
+
+    def flush(self) -> None:
+        self._m.flush()
+
+
+FlowMeter = CFlowMeter if ACCEL else NumpyFlowMeter
