@@ -37,6 +37,17 @@ typedef struct {
     uint8_t flags, rflags, tos, fin, init_rev, used;
 } Flow;
 
+typedef struct { Flow f; Py_ssize_t slot; int reason; } Seg;
+typedef struct { Seg *v; Py_ssize_t n, cap; } SegList;
+
+/* one metered packet: one cache line, so the walks in group order touch one line each */
+typedef struct {
+    uint64_t k[5];
+    int64_t t, ln;
+    uint8_t fl, tos, rev, pad[5];
+} Pkt;
+_Static_assert(sizeof(Pkt) == 64, "Pkt is one cache line");
+
 typedef struct {
     PyObject_HEAD
     int64_t idle_us, active_us, end_us, scan_us;
@@ -61,11 +72,11 @@ typedef struct {
     uint64_t st_packets, st_non_ip, st_records, st_forced, st_fallbacks;
     /* per-batch scratch */
     Py_ssize_t scap;
-    uint64_t *key;               /* 5 per packet */
-    int64_t *t, *ln;
-    uint8_t *fl, *tos, *rev;
+    void *pbase, *qbase;
+    Pkt *P, *Q;                  /* packets in arrival order, in group order */
     uint64_t *comp, *comp2;
-    int32_t *order;
+    int32_t *order, *gstart, *gslot;
+    SegList segB, segC, segD, expA;
 } Meter;
 
 /* ---- helpers ---------------------------------------------------------------------------- */
@@ -216,14 +227,22 @@ static int expire_slot(Meter *m, Py_ssize_t s, int reason)
 
 static int scratch(Meter *m, Py_ssize_t n)
 {
-    if (n <= m->scap) return 0;
-    Py_ssize_t c = n < 1024 ? 1024 : n;
+    if (n + 1 <= m->scap) return 0;       /* gstart needs n + 1 entries */
+    Py_ssize_t c = n + 1 < 1024 ? 1024 : n + 1;
 #define RE(p, type, k) do { void *q = PyMem_Realloc(m->p, (size_t)c * (k) * sizeof(type)); \
         if (!q) { PyErr_NoMemory(); return -1; } m->p = q; } while (0)
-    RE(key, uint64_t, 5); RE(t, int64_t, 1); RE(ln, int64_t, 1); RE(fl, uint8_t, 1);
-    RE(tos, uint8_t, 1); RE(rev, uint8_t, 1); RE(comp, uint64_t, 1); RE(comp2, uint64_t, 1);
-    RE(order, int32_t, 1);
+    RE(comp, uint64_t, 1); RE(comp2, uint64_t, 1); RE(order, int32_t, 1);
+    RE(gstart, int32_t, 1); RE(gslot, int32_t, 1);
 #undef RE
+    /* one spare Pkt for the 64-byte alignment */
+    void *pb = PyMem_Realloc(m->pbase, ((size_t)c + 1) * sizeof(Pkt));
+    if (!pb) { PyErr_NoMemory(); return -1; }
+    m->pbase = pb;
+    void *qb = PyMem_Realloc(m->qbase, ((size_t)c + 1) * sizeof(Pkt));
+    if (!qb) { PyErr_NoMemory(); return -1; }
+    m->qbase = qb;
+    m->P = (Pkt *)(((uintptr_t)m->pbase + 63) & ~(uintptr_t)63);
+    m->Q = (Pkt *)(((uintptr_t)m->qbase + 63) & ~(uintptr_t)63);
     m->scap = c;
     return 0;
 }
@@ -233,9 +252,9 @@ static int scratch(Meter *m, Py_ssize_t n)
 static void Meter_dealloc(Meter *m)
 {
     PyMem_Free(m->tab); PyMem_Free(m->fstack); PyMem_Free(m->ht); PyMem_Free(m->out);
-    PyMem_Free(m->key); PyMem_Free(m->t); PyMem_Free(m->ln); PyMem_Free(m->fl);
-    PyMem_Free(m->tos); PyMem_Free(m->rev); PyMem_Free(m->comp); PyMem_Free(m->comp2);
-    PyMem_Free(m->order);
+    PyMem_Free(m->pbase); PyMem_Free(m->qbase); PyMem_Free(m->comp); PyMem_Free(m->comp2);
+    PyMem_Free(m->order); PyMem_Free(m->gstart); PyMem_Free(m->gslot);
+    PyMem_Free(m->segB.v); PyMem_Free(m->segC.v); PyMem_Free(m->segD.v); PyMem_Free(m->expA.v);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
@@ -310,18 +329,16 @@ static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n)
     /* 4 passes: the result is back in the original array */
 }
 
-static const uint64_t *g_keys;
+static const Pkt *g_pkts;      /* qsort has no context argument; the GIL serializes calls */
 static int cmp_exact(const void *pa, const void *pb)
 {
     int32_t a = *(const int32_t *)pa, b = *(const int32_t *)pb;
-    const uint64_t *ka = g_keys + 5 * (size_t)a, *kb = g_keys + 5 * (size_t)b;
+    const uint64_t *ka = g_pkts[a].k, *kb = g_pkts[b].k;
     for (int i = 0; i < 5; i++)
         if (ka[i] != kb[i]) return ka[i] < kb[i] ? -1 : 1;
     return a < b ? -1 : (a > b);
 }
 
-typedef struct { Flow f; Py_ssize_t slot; int reason; } Seg;
-typedef struct { Seg *v; Py_ssize_t n, cap; } SegList;
 
 static int seg_push(SegList *l, const Flow *f, Py_ssize_t slot, int reason)
 {
@@ -376,8 +393,8 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
     Buf B[16];
     memset(B, 0, sizeof B);
     PyObject *ret = NULL;
-    SegList segB = {0}, segC = {0}, segD = {0}, expA = {0};
-    int32_t *gslot = NULL, *gstart = NULL;
+    SegList *segB = &m->segB, *segC = &m->segC, *segD = &m->segD, *expA = &m->expA;
+    segB->n = segC->n = segD->n = expA->n = 0;
     Py_ssize_t n;
     /* ts first: it gives n */
     if (getbuf(o[0], &B[0], -1, 8, "ts", 0) < 0) goto done;
@@ -418,6 +435,7 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
             if (ipver[i] == 4) { lo = 12; hi = 20; }
             else if (ipver[i] == 6) { lo = 8; hi = 40; }
             else continue;
+            if (l3[i] >= 0 && l3[i] <= buflen - hi) continue;
             for (Py_ssize_t j = lo; j < hi; j++) {
                 int64_t p = wadd(l3[i], j);
                 if (p < 0) p = wadd(p, buflen);
@@ -444,27 +462,34 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
     uint64_t octsum = 0;
     int64_t tmax = INT64_MIN;
     Py_ssize_t q = 0;
+    Pkt *P = m->P, *Q = m->Q;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!sel[i] || !(ipver[i] == 4 || ipver[i] == 6)) continue;
-        uint64_t *k = m->key + 5 * (size_t)q;
+        Pkt *pk = &P[q];
+        uint64_t *k = pk->k;
+        int fast = readback && l3[i] >= 0 && l3[i] <= buflen - 40;
         if (ipver[i] == 4) {
             uint32_t s, d;
-            if (readback) {
+            if (fast) {
+                const uint8_t *b = pbuf + l3[i] + 12;
+                s = ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) | ((uint32_t)b[2] << 8) | b[3];
+                d = ((uint32_t)b[4] << 24) | ((uint32_t)b[5] << 16) | ((uint32_t)b[6] << 8) | b[7];
+            } else if (readback) {
                 s = ((uint32_t)BYTE_AT(i, 12) << 24) | ((uint32_t)BYTE_AT(i, 13) << 16)
                     | ((uint32_t)BYTE_AT(i, 14) << 8) | BYTE_AT(i, 15);
                 d = ((uint32_t)BYTE_AT(i, 16) << 24) | ((uint32_t)BYTE_AT(i, 17) << 16)
                     | ((uint32_t)BYTE_AT(i, 18) << 8) | BYTE_AT(i, 19);
             } else { s = src4[i]; d = dst4[i]; }
             k[0] = 0; k[1] = s; k[2] = 0; k[3] = d;
-        } else {
+        } else if (fast) {
+            memcpy(k, pbuf + l3[i] + 8, 32);   /* native-order views, as .view(np.uint64) */
+        } else if (readback) {
             uint8_t a[32];
-            if (readback) {
-                for (int j = 0; j < 32; j++) a[j] = BYTE_AT(i, 8 + j);
-            } else {
-                memcpy(a, src6 + 16 * (size_t)i, 16);
-                memcpy(a + 16, dst6 + 16 * (size_t)i, 16);
-            }
-            memcpy(k, a, 32);       /* native-order views, as .view(np.uint64) */
+            for (int j = 0; j < 32; j++) a[j] = BYTE_AT(i, 8 + j);
+            memcpy(k, a, 32);
+        } else {
+            memcpy(k, src6 + 16 * (size_t)i, 16);
+            memcpy(k + 2, dst6 + 16 * (size_t)i, 16);
         }
         int64_t v = vlan[i];
         uint64_t vl = (uint64_t)((v < 0 ? -1 : (v & 0xFFF)) + 1);
@@ -480,14 +505,14 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
             }
         }
         k[4] = ((uint64_t)ipver[i] << 56) | ((uint64_t)proto[i] << 48) | (vl << 32) | (sp << 16) | dp;
-        m->rev[q] = rv;
-        m->t[q] = ts[i];
+        pk->rev = rv;
+        pk->t = ts[i];
         if (ts[i] > tmax) tmax = ts[i];
         int64_t l = iplen[i] > 0 ? iplen[i] : 0;
-        m->ln[q] = l;
+        pk->ln = l;
         octsum += (uint64_t)l;
-        m->fl[q] = proto[i] == PROTO_TCP ? tcpf[i] : 0;
-        m->tos[q] = tosv[i];
+        pk->fl = proto[i] == PROTO_TCP ? tcpf[i] : 0;
+        pk->tos = tosv[i];
         q++;
     }
 #undef BYTE_AT
@@ -497,10 +522,12 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
     /* ---- group: hash order (44-bit hash, arrival order inside), exact order on collision */
     int32_t *order = m->order;
     int exact = mm >= ((Py_ssize_t)1 << IDX_BITS);
+    int32_t *gstart = m->gstart, *gslot = m->gslot;
+    Py_ssize_t G = 0;
     if (!exact) {
         const uint64_t *hc = m->hc;
         for (Py_ssize_t i = 0; i < mm; i++) {
-            const uint64_t *k = m->key + 5 * (size_t)i;
+            const uint64_t *k = P[i].k;
             uint64_t h = k[0] * hc[0] ^ k[1] * hc[1] ^ k[2] * hc[2] ^ k[3] * hc[3] ^ k[4] * hc[4];
             h ^= h >> 31;
             h *= hc[4];
@@ -509,10 +536,12 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
         }
         radix_sort(m->comp, m->comp2, mm);
         for (Py_ssize_t i = 0; i < mm; i++)
-            order[i] = (int32_t)(m->comp[i] & (((uint64_t)1 << IDX_BITS) - 1));
-        for (Py_ssize_t i = 1; i < mm; i++) {
-            if ((m->comp[i] >> IDX_BITS) == (m->comp[i - 1] >> IDX_BITS)
-                && memcmp(m->key + 5 * (size_t)order[i], m->key + 5 * (size_t)order[i - 1], 40)) {
+            Q[i] = P[m->comp[i] & (((uint64_t)1 << IDX_BITS) - 1)];
+        /* a hash group must hold one key, else two keys share the hash: exact order */
+        for (Py_ssize_t i = 0; i < mm; i++) {
+            if (i == 0 || (m->comp[i] >> IDX_BITS) != (m->comp[i - 1] >> IDX_BITS))
+                gstart[G++] = (int32_t)i;
+            else if (memcmp(Q[i].k, Q[i - 1].k, 40)) {
                 exact = 1;
                 m->st_fallbacks++;
                 break;
@@ -521,47 +550,44 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
     }
     if (exact) {
         for (Py_ssize_t i = 0; i < mm; i++) order[i] = (int32_t)i;
-        g_keys = m->key;
+        g_pkts = P;
         qsort(order, (size_t)mm, sizeof(int32_t), cmp_exact);
-    }
-    /* group starts (positions in order) */
-    gstart = PyMem_Malloc(((size_t)mm + 1) * sizeof(int32_t));
-    gslot = PyMem_Malloc(((size_t)mm + 1) * sizeof(int32_t));
-    if (!gstart || !gslot) { PyErr_NoMemory(); goto done; }
-    Py_ssize_t G = 0;
-    for (Py_ssize_t i = 0; i < mm; i++) {
-        if (i == 0 || memcmp(m->key + 5 * (size_t)order[i], m->key + 5 * (size_t)order[i - 1], 40))
-            gstart[G++] = (int32_t)i;
+        G = 0;
+        for (Py_ssize_t i = 0; i < mm; i++) {
+            Q[i] = P[order[i]];
+            if (i == 0 || memcmp(Q[i].k, Q[i - 1].k, 40))
+                gstart[G++] = (int32_t)i;
+        }
     }
     gstart[G] = (int32_t)mm;
 
     /* ---- phase A: table flows whose deadline passed before the group's first packet */
     for (Py_ssize_t g = 0; g < G; g++) {
-        const uint64_t *k = m->key + 5 * (size_t)order[gstart[g]];
-        Py_ssize_t s = ht_find(m, k);
+        const Pkt *f0 = &Q[gstart[g]];
+        Py_ssize_t s = ht_find(m, f0->k);
         gslot[g] = (int32_t)s;
         if (s >= 0) {
             Flow *f = &m->tab[s];
-            int r = reason_of(f->fin, f->end, f->start, m->t[order[gstart[g]]],
+            int r = reason_of(f->fin, f->end, f->start, f0->t,
                               m->idle_us, m->end_us, m->active_us);
             if (r) {
-                if (seg_push(&expA, NULL, s, r) < 0) goto done;
+                if (seg_push(expA, NULL, s, r) < 0) goto done;
                 gslot[g] = -1;
             }
         }
     }
     static const int merge_order[3] = {END_ACTIVE, END_IDLE, END_DETECTED};
     for (int ro = 0; ro < 3; ro++)
-        for (Py_ssize_t i = 0; i < expA.n; i++)
-            if (expA.v[i].reason == merge_order[ro])
-                if (expire_slot(m, expA.v[i].slot, expA.v[i].reason) < 0) goto done;
+        for (Py_ssize_t i = 0; i < expA->n; i++)
+            if (expA->v[i].reason == merge_order[ro])
+                if (expire_slot(m, expA->v[i].slot, expA->v[i].reason) < 0) goto done;
 
     /* candidates gate of the reference: t >= t_min + active (or a FIN-possible gap) */
     int64_t t_min = INT64_MAX;
     int possible_fin = 0;
     for (Py_ssize_t i = 0; i < mm; i++) {
-        if (m->t[i] < t_min) t_min = m->t[i];
-        if (m->fl[i] & (TCP_FIN | TCP_RST)) possible_fin = 1;
+        if (P[i].t < t_min) t_min = P[i].t;
+        if (P[i].fl & (TCP_FIN | TCP_RST)) possible_fin = 1;
     }
     for (Py_ssize_t g = 0; g < G; g++) {
         if (gslot[g] >= 0) {
@@ -580,39 +606,38 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
         Py_ssize_t slot = gslot[g];
         int prior = slot >= 0;
         int first_of_prior = prior;
-        const uint64_t *k = m->key + 5 * (size_t)order[a];
+        const uint64_t *k = Q[a].k;
         int64_t t0;
         int finseen;
         Flow seg;
-        int32_t p0 = order[a];
         uint8_t init;
         if (prior) {
             t0 = m->tab[slot].start;
             finseen = m->tab[slot].fin;
             init = m->tab[slot].init_rev;
         } else {
-            t0 = m->t[p0];
+            t0 = Q[a].t;
             finseen = 0;
-            init = m->rev[p0];
+            init = Q[a].rev;
         }
-#define SEG_OPEN(pi) do { memset(&seg, 0, sizeof seg); memcpy(seg.k, k, 40); \
-        seg.start = m->t[pi]; seg.end = m->t[pi]; seg.tos = m->tos[pi]; seg.init_rev = init; } while (0)
-        SEG_OPEN(p0);
+#define SEG_OPEN(pk) do { memset(&seg, 0, sizeof seg); memcpy(seg.k, k, 40); \
+        seg.start = (pk)->t; seg.end = (pk)->t; seg.tos = (pk)->tos; seg.init_rev = init; } while (0)
+        SEG_OPEN(&Q[a]);
         for (Py_ssize_t pos = a; pos < b; pos++) {
-            int32_t p = order[pos];
+            const Pkt *p = &Q[pos];
             if (pos > a) {
-                int32_t pp = order[pos - 1];
-                int64_t gap = wsub(m->t[p], m->t[pp]);
+                const Pkt *pp = p - 1;
+                int64_t gap = wsub(p->t, pp->t);
                 int split = gap > m->idle_us;
                 if (!split) {
-                    int A2 = wsub(m->t[p], t0) >= m->active_us;
-                    int A1 = !gate_never && m->t[p] >= act_gate;
+                    int A2 = wsub(p->t, t0) >= m->active_us;
+                    int A1 = !gate_never && p->t >= act_gate;
                     int F1 = possible_fin && gap > m->end_us;
                     int F2 = finseen && gap > m->end_us;
                     split = F2 || (A2 && (A1 || F1));
                 }
                 if (split) {
-                    int r = reason_of(finseen, m->t[pp], t0, m->t[p],
+                    int r = reason_of(finseen, pp->t, t0, p->t,
                                       m->idle_us, m->end_us, m->active_us);
                     if (!r) r = END_ACTIVE;
                     seg.fin = ((seg.flags | seg.rflags) & (TCP_FIN | TCP_RST)) != 0;
@@ -623,30 +648,30 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
                         f->packets += seg.packets; f->octets += seg.octets;
                         f->rpackets += seg.rpackets; f->roctets += seg.roctets;
                         f->flags |= seg.flags; f->rflags |= seg.rflags; f->fin |= seg.fin;
-                        if (seg_push(&segB, NULL, slot, r) < 0) goto done;
+                        if (seg_push(segB, NULL, slot, r) < 0) goto done;
                     } else {
-                        if (seg_push(&segC, &seg, -1, r) < 0) goto done;
+                        if (seg_push(segC, &seg, -1, r) < 0) goto done;
                     }
                     first_of_prior = 0;
-                    t0 = m->t[p];
+                    t0 = p->t;
                     finseen = 0;
-                    init = m->rev[p];
+                    init = p->rev;
                     SEG_OPEN(p);
                 }
             }
-            int64_t tp = m->t[p];
+            int64_t tp = p->t;
             if (tp < seg.start) seg.start = tp;
             if (tp > seg.end) seg.end = tp;
-            if (m->rev[p] == init) {
+            if (p->rev == init) {
                 seg.packets++;
-                seg.octets += (uint64_t)m->ln[p];
-                seg.flags |= m->fl[p];
+                seg.octets += (uint64_t)p->ln;
+                seg.flags |= p->fl;
             } else {
                 seg.rpackets++;
-                seg.roctets += (uint64_t)m->ln[p];
-                seg.rflags |= m->fl[p];
+                seg.roctets += (uint64_t)p->ln;
+                seg.rflags |= p->fl;
             }
-            if (m->fl[p] & (TCP_FIN | TCP_RST)) finseen = 1;
+            if (p->fl & (TCP_FIN | TCP_RST)) finseen = 1;
         }
 #undef SEG_OPEN
         seg.fin = ((seg.flags | seg.rflags) & (TCP_FIN | TCP_RST)) != 0;
@@ -658,30 +683,30 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
             f->rpackets += seg.rpackets; f->roctets += seg.roctets;
             f->flags |= seg.flags; f->rflags |= seg.rflags; f->fin |= seg.fin;
         } else {
-            if (seg_push(&segD, &seg, -1, 0) < 0) goto done;
+            if (seg_push(segD, &seg, -1, 0) < 0) goto done;
         }
     }
     /* ---- phase B: continued table flows that ended inside the batch */
     for (int ro = 0; ro < 3; ro++)
-        for (Py_ssize_t i = 0; i < segB.n; i++)
-            if (segB.v[i].reason == merge_order[ro])
-                if (expire_slot(m, segB.v[i].slot, segB.v[i].reason) < 0) goto done;
+        for (Py_ssize_t i = 0; i < segB->n; i++)
+            if (segB->v[i].reason == merge_order[ro])
+                if (expire_slot(m, segB->v[i].slot, segB->v[i].reason) < 0) goto done;
     /* ---- phase C: segments closed inside the batch */
-    if (out_reserve(m, segC.n) < 0) goto done;
-    for (Py_ssize_t i = 0; i < segC.n; i++)
-        if (emit(m, &segC.v[i].f, segC.v[i].reason) < 0) goto done;
+    if (out_reserve(m, segC->n) < 0) goto done;
+    for (Py_ssize_t i = 0; i < segC->n; i++)
+        if (emit(m, &segC->v[i].f, segC->v[i].reason) < 0) goto done;
     /* ---- phase D: open segments start new flows; slots from the top of the free stack */
-    if (segD.n) {
-        if (m->nfree < segD.n && grow(m, segD.n - m->nfree) < 0) goto done;
-        Py_ssize_t base = m->nfree - segD.n;
-        for (Py_ssize_t i = 0; i < segD.n; i++) {
+    if (segD->n) {
+        if (m->nfree < segD->n && grow(m, segD->n - m->nfree) < 0) goto done;
+        Py_ssize_t base = m->nfree - segD->n;
+        for (Py_ssize_t i = 0; i < segD->n; i++) {
             Py_ssize_t s = m->fstack[base + i];
-            m->tab[s] = segD.v[i].f;
+            m->tab[s] = segD->v[i].f;
             m->tab[s].used = 1;
             ht_put(m, s);
         }
         m->nfree = base;
-        m->nactive += segD.n;
+        m->nactive += segD->n;
     }
     if (enforce_bound(m) < 0) goto done;
     /* the batch's octets as numpy's int64 sum gives them (wrapped); the wrapper adds them
@@ -689,23 +714,39 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
     ret = PyLong_FromLongLong((long long)(int64_t)octsum);
 done:
     for (int i = 0; i < 16; i++) relbuf(&B[i]);
-    PyMem_Free(segB.v); PyMem_Free(segC.v); PyMem_Free(segD.v); PyMem_Free(expA.v);
-    PyMem_Free(gstart); PyMem_Free(gslot);
     return ret;
 }
 
+/* the reference's advance(): reasons of every flow at `now`, then expiry by reason
+ * (end detected, idle, active), each in slot order */
 static int scan(Meter *m, int64_t now)
 {
     static const int adv_order[3] = {END_DETECTED, END_IDLE, END_ACTIVE};
-    for (int ro = 0; ro < 3; ro++) {
-        for (Py_ssize_t s = 0; s < m->cap; s++) {
-            Flow *f = &m->tab[s];
-            if (!f->used) continue;
-            if (reason_of(f->fin, f->end, f->start, now, m->idle_us, m->end_us, m->active_us)
-                == adv_order[ro])
-                if (expire_slot(m, s, adv_order[ro]) < 0) return -1;
+    Py_ssize_t cnt[6] = {0};
+    Py_ssize_t nexp = 0;
+    int32_t *exp = NULL;
+    for (Py_ssize_t s = 0; s < m->cap; s++) {
+        Flow *f = &m->tab[s];
+        if (!f->used) continue;
+        int r = reason_of(f->fin, f->end, f->start, now, m->idle_us, m->end_us, m->active_us);
+        if (r) {
+            if (!exp) {
+                exp = PyMem_Malloc((size_t)m->nactive * 2 * sizeof(int32_t));
+                if (!exp) { PyErr_NoMemory(); return -1; }
+            }
+            exp[2 * nexp] = (int32_t)s;
+            exp[2 * nexp + 1] = r;
+            nexp++;
+            cnt[r]++;
         }
     }
+    for (int ro = 0; ro < 3 && nexp; ro++) {
+        if (!cnt[adv_order[ro]]) continue;
+        for (Py_ssize_t i = 0; i < nexp; i++)
+            if (exp[2 * i + 1] == adv_order[ro])
+                if (expire_slot(m, exp[2 * i], adv_order[ro]) < 0) { PyMem_Free(exp); return -1; }
+    }
+    PyMem_Free(exp);
     return 0;
 }
 

@@ -126,7 +126,12 @@ class FlowOutput:
                                                                                  dtype=np.int64)
         if len(ts) == 0:
             return
-        self.meter.add(ts, _with_packet_addresses(batch, headers), keep)
+        buf = getattr(batch, "buf", None)
+        if buf is not None and self.meter.accelerated:
+            # the C meter reads the addresses back from the packet bytes itself (no copies)
+            self.meter.add(ts, headers, keep, buf=buf)
+        else:
+            self.meter.add(ts, _with_packet_addresses(batch, headers), keep)
         latest = int(ts.max())
         if self._now_us is None or latest > self._now_us:
             self._now_us = latest
