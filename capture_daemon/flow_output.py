@@ -45,13 +45,26 @@ def _check_sampling(sampling):
     raise ValueError(f"unknown sampling type {kind!r}")
 
 
+def _rewritable(batch):
+    """The batch buffer when something may have rewritten it after parse (the anonymizer
+    works on a writable copy), else None."""
+    buf = getattr(batch, "buf", None)
+    flags = getattr(buf, "flags", None)
+    if buf is None or (flags is not None and not flags.writeable):
+        return None
+    return buf
+
+
 def _with_packet_addresses(batch, h):
     """headers whose addresses are read back from the packet bytes.
 
     The anonymizer rewrites the addresses in the batch buffer (what the pcap output writes)
     but not the parsed header arrays; reading them back makes flow records carry exactly the
-    addresses an anonymized pcap of the same packets would show.  One gather per batch."""
-    buf = getattr(batch, "buf", None)
+    addresses an anonymized pcap of the same packets would show.  One gather per batch.
+
+    A read-only buffer (as the sources hand batches over) cannot have been rewritten since
+    parse read the addresses from it: the header arrays are then exact as they are."""
+    buf = _rewritable(batch)
     if buf is None:                      # header-only batches (tests): nothing to read back
         return h
     out = copy.copy(h)
@@ -126,10 +139,9 @@ class FlowOutput:
                                                                                  dtype=np.int64)
         if len(ts) == 0:
             return
-        buf = getattr(batch, "buf", None)
-        if buf is not None and self.meter.accelerated:
+        if self.meter.accelerated:
             # the C meter reads the addresses back from the packet bytes itself (no copies)
-            self.meter.add(ts, headers, keep, buf=buf)
+            self.meter.add(ts, headers, keep, buf=_rewritable(batch))
         else:
             self.meter.add(ts, _with_packet_addresses(batch, headers), keep)
         latest = int(ts.max())

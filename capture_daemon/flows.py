@@ -23,6 +23,12 @@ them into one biflow record says less than it seems to.  Biflows (RFC 5103, reve
 under PEN 29305) are available with biflow=True: the key is made direction-free and the
 initiator is the direction of the first packet seen.
 
+Two implementations with one interface: NumpyFlowMeter (this module's vectorized reference)
+and CFlowMeter (capture_daemon/_accel_flows.c: the same algorithm per packet in C, with the
+same group order, slot allocator and expiry order, so its records are byte-identical,
+order included).  FlowMeter is CFlowMeter when the extension is built (ACCEL), else the
+reference; tests/flows/test_meter_accel.py compares the two.
+
 Time is packet time only (microseconds since the epoch, int64), so offline runs give the same
 records whatever the wall clock.
 
