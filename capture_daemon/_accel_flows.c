@@ -66,7 +66,7 @@ typedef struct {
     int have_now, have_scan;
     int64_t now, next_scan;
     /* output records, RECORD_DTYPE layout */
-    uint8_t *out;
+    PyObject *out;               /* bytearray handed over by take() as it is (no copy) */
     Py_ssize_t nout, outcap;
     /* stats */
     uint64_t st_packets, st_non_ip, st_records, st_forced, st_fallbacks;
@@ -111,12 +111,17 @@ static int8_t reason_of(int fin, int64_t last, int64_t start, int64_t now,
 
 static int out_reserve(Meter *m, Py_ssize_t more)
 {
-    if (m->nout + more <= m->outcap) return 0;
-    Py_ssize_t nc = m->outcap ? m->outcap : 256;
-    while (nc < m->nout + more) nc *= 2;
-    uint8_t *p = PyMem_Realloc(m->out, (size_t)nc * REC_SIZE);
-    if (!p) { PyErr_NoMemory(); return -1; }
-    m->out = p;
+    if (m->out && m->nout + more <= m->outcap) return 0;
+    if (more > PY_SSIZE_T_MAX / REC_SIZE / 4 - m->nout) { PyErr_NoMemory(); return -1; }
+    Py_ssize_t nc = m->outcap * 2;
+    if (nc < m->nout + more) nc = m->nout + more;     /* a known burst: exactly its size */
+    if (nc < 256) nc = 256;
+    if (!m->out) {
+        m->out = PyByteArray_FromStringAndSize(NULL, nc * REC_SIZE);
+        if (!m->out) return -1;
+    } else if (PyByteArray_Resize(m->out, nc * REC_SIZE) < 0) {
+        return -1;
+    }
     m->outcap = nc;
     return 0;
 }
@@ -124,7 +129,7 @@ static int out_reserve(Meter *m, Py_ssize_t more)
 static int emit(Meter *m, const Flow *f, int reason)
 {
     if (out_reserve(m, 1) < 0) return -1;
-    uint8_t *r = m->out + (size_t)m->nout * REC_SIZE;
+    uint8_t *r = (uint8_t *)PyByteArray_AS_STRING(m->out) + (size_t)m->nout * REC_SIZE;
     memcpy(r + 0, &f->start, 8);
     memcpy(r + 8, &f->end, 8);
     memcpy(r + 16, &f->packets, 8);
@@ -251,7 +256,7 @@ static int scratch(Meter *m, Py_ssize_t n)
 
 static void Meter_dealloc(Meter *m)
 {
-    PyMem_Free(m->tab); PyMem_Free(m->fstack); PyMem_Free(m->ht); PyMem_Free(m->out);
+    PyMem_Free(m->tab); PyMem_Free(m->fstack); PyMem_Free(m->ht); Py_XDECREF(m->out);
     PyMem_Free(m->pbase); PyMem_Free(m->qbase); PyMem_Free(m->comp); PyMem_Free(m->comp2);
     PyMem_Free(m->order); PyMem_Free(m->gstart); PyMem_Free(m->gslot);
     PyMem_Free(m->segB.v); PyMem_Free(m->segC.v); PyMem_Free(m->segD.v); PyMem_Free(m->expA.v);
@@ -740,6 +745,7 @@ static int scan(Meter *m, int64_t now)
             cnt[r]++;
         }
     }
+    if (nexp && out_reserve(m, nexp) < 0) { PyMem_Free(exp); return -1; }
     for (int ro = 0; ro < 3 && nexp; ro++) {
         if (!cnt[adv_order[ro]]) continue;
         for (Py_ssize_t i = 0; i < nexp; i++)
@@ -776,6 +782,7 @@ static PyObject *Meter_flush(Meter *m, PyObject *Py_UNUSED(ignored))
         m->have_scan = 0;
         if (advance(m, m->now) < 0) return NULL;
     }
+    if (out_reserve(m, m->nactive) < 0) return NULL;
     for (Py_ssize_t s = 0; s < m->cap; s++)
         if (m->tab[s].used && m->tab[s].fin)
             if (expire_slot(m, s, END_DETECTED) < 0) return NULL;
@@ -787,14 +794,13 @@ static PyObject *Meter_flush(Meter *m, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Meter_take(Meter *m, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *b = PyByteArray_FromStringAndSize((const char *)m->out, m->nout * REC_SIZE);
-    if (!b) return NULL;
+    if (!m->out || m->nout == 0)
+        return PyByteArray_FromStringAndSize(NULL, 0);
+    PyObject *b = m->out;
+    if (PyByteArray_Resize(b, m->nout * REC_SIZE) < 0) return NULL;
+    m->out = NULL;                      /* the next emit starts a new one */
     m->nout = 0;
-    if (m->outcap > 65536) {            /* do not keep a burst's buffer for ever */
-        PyMem_Free(m->out);
-        m->out = NULL;
-        m->outcap = 0;
-    }
+    m->outcap = 0;
     return b;
 }
 

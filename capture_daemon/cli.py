@@ -149,7 +149,11 @@ def _make_output(settings, source, sampler):
         return PcapOutput(source.linktype, source.snaplen)
     if settings.aggregate == "counts":
         return CountsOutput(settings.counts_interval)
-    from .flow_output import FlowOutput
+    from .flow_output import FLOW_BATCH_PACKETS, FlowOutput
+    # the flow meter's cost per packet does not grow with smaller batches; its memory (and
+    # parse's, the reader's) per batch does
+    from .source import BATCH_PACKETS
+    source.batch_packets = min(source.batch_packets or BATCH_PACKETS, FLOW_BATCH_PACKETS)
     return FlowOutput(idle_timeout=settings.flow_idle_timeout,
                       active_timeout=settings.flow_active_timeout,
                       max_flows=settings.flow_max_flows, sampling=sampler.describe(),

@@ -26,6 +26,8 @@ _REASONS = {END_IDLE: "idle_timeout", END_ACTIVE: "active_timeout",
             END_RESOURCES: "lack_of_resources"}
 _FLUSH_RECORDS = 2048          # write a file message once this many records wait
 _FLUSH_US = 1_000_000          # ... or once a second of packet time has passed
+FLOW_BATCH_PACKETS = 16384     # packets per batch read for --aggregate flows (memory)
+_ENCODE_RECORDS = 8192         # records encoded at a time (IPv4 then IPv6 within each)
 
 
 def _check_sampling(sampling):
@@ -226,10 +228,28 @@ class FlowOutput:
         if self._f is None and not force:
             return                       # no file open yet: keep the records for the next one
         self._last_flush_us = now
-        rec = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        pending = self._pending
         self._pending, self._pending_n = [], 0
-        sets = ipfix.encode_records(rec, self.biflow)
         export_time = now // 1_000_000
+        # encode at most _ENCODE_RECORDS records at a time: the end-of-input flush of a full
+        # table would otherwise build the IPFIX copies of every flow at once
+        parts, n = [], 0
+        for rec in pending:
+            i = 0
+            while i < len(rec):
+                k = min(len(rec) - i, _ENCODE_RECORDS - n)
+                parts.append(rec[i:i + k])
+                n += k
+                i += k
+                if n == _ENCODE_RECORDS:
+                    self._write_records(parts[0] if len(parts) == 1 else np.concatenate(parts),
+                                        export_time)
+                    parts, n = [], 0
+        if parts:
+            self._write_records(parts[0] if len(parts) == 1 else np.concatenate(parts), export_time)
+
+    def _write_records(self, rec, export_time):
+        sets = ipfix.encode_records(rec, self.biflow)
         if self._f is not None:
             for msg, _n in self._session.messages(sets, export_time, ipfix.MAX_MESSAGE):
                 self._f.write(msg)

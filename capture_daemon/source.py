@@ -57,6 +57,7 @@ class PcapSource:
     """Common batch loop over a pcapy handle."""
 
     live = False
+    batch_packets = None   # packets per next_batch, None: BATCH_PACKETS (smaller: less memory)
 
     def __init__(self, handle, snaplen: int, description: str):
         self.handle = handle
@@ -77,7 +78,7 @@ class PcapSource:
 
     def _raw_batches(self) -> Iterator[tuple[bytes, bytes]]:
         while True:
-            data, meta = self.handle.next_batch(BATCH_PACKETS)
+            data, meta = self.handle.next_batch(self.batch_packets or BATCH_PACKETS)
             yield data, meta
 
     def batches(self) -> Iterator[Batch | None]:
@@ -93,6 +94,9 @@ class PcapSource:
             caplen = m[:, 3]
             records = self._records(caplen)
             if records is not None:  # the savefile's own records: exact, and writable as they are
+                # next_batch's copy of the packets is not used: drop it while the batch is
+                # processed (a batch's worth of memory)
+                data = meta = None
                 buf, off, wirelen = records
                 yield Batch(buf, off, caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
                             self.linktype, records=self._native_records)
@@ -177,11 +181,11 @@ class LiveSource(PcapSource):
 
     def _raw_batches(self):
         while True:
-            data, meta = self.handle.next_batch(BATCH_PACKETS)
+            data, meta = self.handle.next_batch(self.batch_packets or BATCH_PACKETS)
             if not meta:
                 ready, _, _ = select.select([self.fd], [], [], self.wait_seconds)
                 if ready:
-                    data, meta = self.handle.next_batch(BATCH_PACKETS)
+                    data, meta = self.handle.next_batch(self.batch_packets or BATCH_PACKETS)
             yield data, meta
 
 
@@ -221,11 +225,13 @@ class OfflineSource(PcapSource):
         if len(data) < length:
             return self._stop_trusting()
         raw = np.frombuffer(data, dtype=np.uint8)
-        fields = raw[(rel + 8)[:, None] + np.arange(8)].copy().view(self._endian + "u4").reshape(-1, 2)
-        if not np.array_equal(fields[:, 0], caplen):  # not back to back after all
+        # the file's 32-bit words at every byte offset (a strided view, no copy): one gather
+        # per field instead of an (n, 8) index array
+        words = np.ndarray((length - 3,), dtype=self._endian + "u4", buffer=raw, strides=(1,))
+        if not np.array_equal(words[rel + 8], caplen):  # not back to back after all
             return self._stop_trusting()
         self._file_pos += length
-        return raw, rel + 16, fields[:, 1].astype(np.int64)
+        return raw, rel + 16, words[rel + 12].astype(np.int64)
 
     def _stop_trusting(self):
         os.close(self._fd)
