@@ -123,23 +123,23 @@ def _link_layer(batch: Batch, rd: _Reader):
     elif lt == DLT_LINUX_SLL:
         et_pos = off + 14
     elif lt == DLT_LINUX_SLL2:
-        et = rd.u16(off)
+        et = rd.u16(off, rd.ok(off, 2))
         return off + 20, et, vlan, ~rd.ok(off, 20)
     elif lt in (DLT_NULL, DLT_LOOP):
-        raw = rd.u32(off)
+        raw = rd.u32(off, rd.ok(off, 4))
         if lt == DLT_NULL:  # host byte order of the capturing machine: accept both
             swapped = raw.byteswap()
             raw = np.where(raw > 0xFFFF, swapped, raw)
         et = np.select([raw == 2, np.isin(raw, (10, 24, 28, 30))], [ETH_IPV4, ETH_IPV6], 0)
         return off + 4, et.astype(np.uint16), vlan, ~rd.ok(off, 4)
     elif lt in RAW_IP_LINKTYPES:
-        version = rd.u8(off) >> 4
+        version = rd.u8(off, rd.ok(off, 1)) >> 4
         et = np.select([version == 4, version == 6], [ETH_IPV4, ETH_IPV6], 0).astype(np.uint16)
         return off.copy(), et, vlan, np.zeros(n, dtype=bool)
     else:
         raise ValueError(f"unsupported link type {lt}")
-    et = rd.u16(et_pos)
     short = ~rd.ok(et_pos, 2)
+    et = rd.u16(et_pos, ~short)
     pos = et_pos + 2
     for _ in range(MAX_VLAN_TAGS):
         tagged = _any_of(et, VLAN_TPIDS) & rd.ok(pos, 4)
