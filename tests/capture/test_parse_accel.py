@@ -54,6 +54,19 @@ def packets_of(b: Batch) -> list[bytes]:
     return [b.buf[o:o + c].tobytes() for o, c in zip(b.off.tolist(), b.caplen.tolist())]
 
 
+def as_records(b: Batch) -> Batch:
+    """The same packets in the records layout: a 16-byte pcap record header before each one."""
+    parts, off, pos = [], [], 0
+    for i, p in enumerate(packets_of(b)):
+        parts += [struct.pack("<IIII", int(b.ts_sec[i]) & 0xFFFFFFFF, int(b.ts_usec[i]), len(p),
+                              int(b.wirelen[i]) & 0xFFFFFFFF), p]
+        off.append(pos + 16)
+        pos += 16 + len(p)
+    buf = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    return Batch(buf, np.array(off, dtype=np.int64), b.caplen, b.wirelen, b.ts_sec, b.ts_usec, b.linktype,
+                 records=True)
+
+
 def trace_batches(path):
     src = open_source(read=path, interface=None)
     try:
@@ -67,7 +80,7 @@ def trace_batches(path):
 def test_traces_identical_in_every_link_type_and_layout(trace):
     rng = np.random.default_rng(1)
     for b in trace_batches(trace):
-        assert_same(b, "as read")
+        assert_same(b, "as read (records layout)" if b.records else "as read")
         pkts = packets_of(b)
         packed = from_packets(pkts, linktype=b.linktype, wirelens=b.wirelen)
         assert_same(packed, "packed")
@@ -78,7 +91,9 @@ def test_traces_identical_in_every_link_type_and_layout(trace):
             for lt in LINKTYPES:
                 other = [_relink(p, lt, rng) for p in pkts]
                 wl = [w + len(q) - len(p) for p, q, w in zip(pkts, other, b.wirelen.tolist())]
-                assert_same(from_packets(other, linktype=lt, wirelens=wl), f"relinked to {lt}")
+                relinked = from_packets(other, linktype=lt, wirelens=wl)
+                assert_same(relinked, f"relinked to {lt}")
+                assert_same(as_records(relinked), f"relinked to {lt}, records layout")
 
 
 def gapped(pkts, linktype, wirelens=None, fill=0xA5):
@@ -114,6 +129,7 @@ def test_every_truncation_of_real_packets():
         for wirelens in (wl, None, [0] * len(cuts), [max(len(c) - 1, 0) for c in cuts]):
             assert_same(from_packets(cuts, linktype=lt, wirelens=wirelens), f"cuts lt={lt}")
             assert_same(gapped(cuts, lt, wirelens, fill=0xFF), f"gapped cuts lt={lt}")
+            assert_same(as_records(from_packets(cuts, linktype=lt, wirelens=wirelens)), f"records cuts lt={lt}")
 
 
 @needs_c
