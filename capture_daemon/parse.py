@@ -3,6 +3,10 @@
 Every field is a numpy array with one entry per packet. A field is read only where its bytes
 were captured (``pos + width <= end of packet``); elsewhere it holds 0 / -1. Loops here run
 over header *levels* (VLAN tags, IPv6 extension headers), never over packets.
+
+``parse_numpy`` is the reference. ``parse`` uses the C accelerator (``_accel_parse.c``, one loop
+over the packets, same Headers field for field; tests/capture/test_parse_accel.py) when it is
+built (``ACCELERATED``), else the reference.
 """
 
 from __future__ import annotations
