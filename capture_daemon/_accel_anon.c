@@ -4,15 +4,19 @@
  * accelerated=False); see the module docstring of anonymize.py for WHAT is rewritten and which
  * checksum rules apply. Crypto-PAn itself stays in Python (cryptopan.py, vectorized + cached):
  *
- *   run(0, ...)  "collect": walk every selected packet exactly as apply does and write each
- *                address it would anonymize into a4 (IPv4, uint32 host-order value of the
- *                big-endian address, zero-padded where not captured) or a6 (IPv6, 16 bytes,
- *                zero-padded); returns (n4, n6), the numbers needed (nothing written past the
- *                capacities: the caller grows them and calls again).
- *   run(1, ...)  "apply": the same walk, in the same order, taking the anonymized addresses from
- *                a4 / a6 (the Crypto-PAn outputs of the collected ones), writing them and fixing
- *                checksums; returns (n4, n6, packets_anonymized, not_anonymized,
- *                checksums_corrected, offload_checksums, addresses_truncated).
+ *   run(0, ...)  "collect": walk every selected packet exactly as apply does; each address it
+ *                would anonymize (an address "site": IPv4 as the uint32 host-order value of the
+ *                big-endian address, IPv6 as 16 bytes, zero-padded where not captured) goes
+ *                into a hash table, the distinct ones into a4 / a6, and site k's entry number
+ *                into i4[k] / i6[k]. Returns (sites4, distinct4, sites6, distinct6, overflow);
+ *                on overflow nothing is valid but the site counts: the caller grows its
+ *                arrays to them and calls again.
+ *   run(1, ...)  "apply": the same walk, in the same order, taking site k's anonymized address
+ *                from a4[i4[k]] / a6[i6[k]] (the Crypto-PAn images of the distinct ones),
+ *                writing it and fixing checksums; returns (sites4, sites6, packets_anonymized,
+ *                not_anonymized, checksums_corrected, offload_checksums, addresses_truncated).
+ * Deduplicating in C means Crypto-PAn's (cached) lookup runs once per distinct address of the
+ * batch instead of once per occurrence.
  *
  * Per packet the steps run in the order the numpy code runs them over the batch (IPv4/IPv6
  * header and L4 incremental update, cut or bogus IP headers, ARP, ICMP errors / neighbour
@@ -42,10 +46,16 @@ typedef struct {
     const uint32_t *src4, *dst4;
     const uint8_t *src6, *dst6;
     int apply, recompute;
-    uint32_t *a4;
-    int64_t n4, cap4;
+    /* Address sites, in walk order: site k of a family refers to entry i4[k] of a4 (collect:
+     * the distinct original addresses, deduplicated with a hash table; apply: their images). */
+    uint32_t *a4, *i4;
+    int64_t n4, u4, cap4, cap_u4;
     uint8_t *a6;
-    int64_t n6, cap6;
+    uint32_t *i6;
+    int64_t n6, u6, cap6, cap_u6;
+    int overflow, nomem, badindex;
+    int32_t *t4, *t6; /* hash tables: entry + 1, 0 = empty */
+    int64_t bits4, bits6;
     int64_t anonymized, not_anonymized, corrected, offload, truncated;
 } Ctx;
 
@@ -104,6 +114,122 @@ static int64_t range_sum(const Ctx *c, int64_t a, int64_t b)
     return (int64_t)(hi * 256 + lo);
 }
 
+/* ---- address sites: collect (dedup) / apply ----------------------------------------------- */
+static inline uint64_t hash4(uint32_t v) { return (uint64_t)v * 0x9E3779B97F4A7C15ull; }
+static inline uint64_t hash6(const uint8_t *a)
+{
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, a + 8, 8);
+    return ((x * 0xC2B2AE3D27D4EB4Full) ^ y) * 0x9E3779B97F4A7C15ull;
+}
+
+/* (Re)build a table of 2**bits slots over the first u entries. 0 on allocation failure. */
+static int rehash(int32_t **tab, int64_t bits, int64_t u, int v6, const Ctx *c)
+{
+    int32_t *t = PyMem_RawCalloc((size_t)1 << bits, sizeof(int32_t));
+    if (!t)
+        return 0;
+    uint64_t mask = ((uint64_t)1 << bits) - 1;
+    for (int64_t j = 0; j < u; j++) {
+        uint64_t h = (v6 ? hash6(c->a6 + 16 * j) : hash4(c->a4[j])) >> (64 - bits);
+        while (t[h])
+            h = (h + 1) & mask;
+        t[h] = (int32_t)(j + 1);
+    }
+    PyMem_RawFree(*tab);
+    *tab = t;
+    return 1;
+}
+
+static void put4(Ctx *c, uint32_t v)
+{
+    int64_t k = c->n4++;
+    if (c->overflow || c->nomem)
+        return;
+    if (k >= c->cap4 || c->u4 >= c->cap_u4 || c->u4 >= INT32_MAX - 1) {
+        c->overflow = 1;
+        return;
+    }
+    if ((c->u4 + 1) * 2 > ((int64_t)1 << c->bits4)) {
+        if (!rehash(&c->t4, c->bits4 + 1, c->u4, 0, c)) {
+            c->nomem = 1;
+            return;
+        }
+        c->bits4++;
+    }
+    uint64_t mask = ((uint64_t)1 << c->bits4) - 1, h = hash4(v) >> (64 - c->bits4);
+    for (;;) {
+        int32_t e = c->t4[h];
+        if (!e) {
+            c->a4[c->u4] = v;
+            c->t4[h] = (int32_t)(c->u4 + 1);
+            c->i4[k] = (uint32_t)c->u4++;
+            return;
+        }
+        if (c->a4[e - 1] == v) {
+            c->i4[k] = (uint32_t)(e - 1);
+            return;
+        }
+        h = (h + 1) & mask;
+    }
+}
+
+static void put6(Ctx *c, const uint8_t *v)
+{
+    int64_t k = c->n6++;
+    if (c->overflow || c->nomem)
+        return;
+    if (k >= c->cap6 || c->u6 >= c->cap_u6 || c->u6 >= INT32_MAX - 1) {
+        c->overflow = 1;
+        return;
+    }
+    if ((c->u6 + 1) * 2 > ((int64_t)1 << c->bits6)) {
+        if (!rehash(&c->t6, c->bits6 + 1, c->u6, 1, c)) {
+            c->nomem = 1;
+            return;
+        }
+        c->bits6++;
+    }
+    uint64_t mask = ((uint64_t)1 << c->bits6) - 1, h = hash6(v) >> (64 - c->bits6);
+    for (;;) {
+        int32_t e = c->t6[h];
+        if (!e) {
+            memcpy(c->a6 + 16 * c->u6, v, 16);
+            c->t6[h] = (int32_t)(c->u6 + 1);
+            c->i6[k] = (uint32_t)c->u6++;
+            return;
+        }
+        if (memcmp(c->a6 + 16 * (e - 1), v, 16) == 0) {
+            c->i6[k] = (uint32_t)(e - 1);
+            return;
+        }
+        h = (h + 1) & mask;
+    }
+}
+
+/* Apply: the image of the next site's address; 0 if the tables do not match (caller bug). */
+static int get4(Ctx *c, uint32_t *v)
+{
+    int64_t k = c->n4++;
+    if (k >= c->cap4 || c->i4[k] >= c->cap_u4) {
+        c->badindex = 1;
+        return 0;
+    }
+    *v = c->a4[c->i4[k]];
+    return 1;
+}
+
+static const uint8_t *get6(Ctx *c)
+{
+    int64_t k = c->n6++;
+    if (k >= c->cap6 || c->i6[k] >= c->cap_u6) {
+        c->badindex = 1;
+        return NULL;
+    }
+    return c->a6 + 16 * (int64_t)c->i6[k];
+}
+
 /* ---- address sites ------------------------------------------------------------------------ */
 /* The IPv4 address at p, captured up to e. Collect: push its zero-padded value. Apply: write the
  * next anonymized value where captured, add the word sums of the captured old / new bytes.
@@ -117,15 +243,13 @@ static int addr4(Ctx *c, int64_t p, int64_t e, int64_t *old_sum, int64_t *new_su
         old[j] = okb[j] ? c->buf[p + j] : 0;
         nok += okb[j];
     }
-    int64_t k = c->n4++;
     if (!c->apply) {
-        if (k < c->cap4)
-            c->a4[k] = ((uint32_t)old[0] << 24) | ((uint32_t)old[1] << 16) | ((uint32_t)old[2] << 8) | old[3];
+        put4(c, ((uint32_t)old[0] << 24) | ((uint32_t)old[1] << 16) | ((uint32_t)old[2] << 8) | old[3]);
         return 0;
     }
-    if (k >= c->cap4)
-        return 0; /* cannot happen: the caller checks the counts of both passes */
-    uint32_t v = c->a4[k];
+    uint32_t v;
+    if (!get4(c, &v))
+        return 0;
     uint8_t nw[4] = {(uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
     for (int j = 0; j < 4; j++) {
         if (okb[j]) {
@@ -147,15 +271,13 @@ static int addr6(Ctx *c, int64_t p, int64_t e, int64_t *old_sum, int64_t *new_su
         old[j] = okb[j] ? c->buf[p + j] : 0;
         nok += okb[j];
     }
-    int64_t k = c->n6++;
     if (!c->apply) {
-        if (k < c->cap6)
-            memcpy(c->a6 + 16 * k, old, 16);
+        put6(c, old);
         return 0;
     }
-    if (k >= c->cap6)
+    const uint8_t *nw = get6(c);
+    if (!nw)
         return 0;
-    const uint8_t *nw = c->a6 + 16 * k;
     for (int j = 0; j < 16; j++) {
         if (okb[j]) {
             c->buf[p + j] = nw[j];
@@ -289,13 +411,12 @@ static void recompute_whole(Ctx *c, const Whole *w)
 static void ipv4(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
 {
     uint32_t so = c->src4[i], d = c->dst4[i];
-    int64_t k = c->n4;
-    c->n4 += 2;
+    uint32_t ns = 0, nd = 0;
     if (!c->apply) {
-        if (k + 2 <= c->cap4) {
-            c->a4[k] = so;
-            c->a4[k + 1] = d;
-        }
+        put4(c, so);
+        put4(c, d);
+    } else if (!get4(c, &ns) || !get4(c, &nd)) {
+        return;
     }
     int ihl = (c->buf[l3] & 0x0F) * 4;
     int64_t eo = e < l3 + ihl ? e : l3 + ihl;
@@ -304,9 +425,6 @@ static void ipv4(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
             ipv4_options(c, l3, eo);
         return;
     }
-    if (k + 2 > c->cap4)
-        return;
-    uint32_t ns = c->a4[k], nd = c->a4[k + 1];
     for (int j = 0; j < 4; j++) {
         c->buf[l3 + 12 + j] = (uint8_t)(ns >> (24 - 8 * j));
         c->buf[l3 + 16 + j] = (uint8_t)(nd >> (24 - 8 * j));
@@ -345,18 +463,17 @@ static int is_ext(int nh) { return nh == 0 || nh == 43 || nh == 60 || nh == 44 |
 static void ipv6(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
 {
     const uint8_t *so = c->src6 + 16 * i, *d = c->dst6 + 16 * i;
-    int64_t k = c->n6;
-    c->n6 += 2;
     if (!c->apply) {
-        if (k + 2 <= c->cap6) {
-            memcpy(c->a6 + 16 * k, so, 16);
-            memcpy(c->a6 + 16 * (k + 1), d, 16);
-        }
+        put6(c, so);
+        put6(c, d);
         return;
     }
-    if (k + 2 > c->cap6)
+    uint8_t nw[32];
+    const uint8_t *ns = get6(c), *nd = get6(c);
+    if (!ns || !nd)
         return;
-    const uint8_t *nw = c->a6 + 16 * k;
+    memcpy(nw, ns, 16);
+    memcpy(nw + 16, nd, 16);
     int64_t old_sum = 0, new_sum = 0;
     for (int j = 0; j < 16; j += 2) {
         old_sum += ((int64_t)so[j] << 8 | so[j + 1]) + ((int64_t)d[j] << 8 | d[j + 1]);
@@ -593,22 +710,23 @@ static PyObject *run(PyObject *self, PyObject *args)
 {
     (void)self;
     int mode, recompute;
-    Py_buffer b[16];
+    enum { NB = 18 };
+    Py_buffer b[NB];
     memset(b, 0, sizeof b);
-    if (!PyArg_ParseTuple(args, "iw*y*y*y*y*y*y*y*y*y*y*y*y*y*w*w*p:run", &mode, &b[0], &b[1], &b[2], &b[3],
+    if (!PyArg_ParseTuple(args, "iw*y*y*y*y*y*y*y*y*y*y*y*y*y*w*w*w*w*p:run", &mode, &b[0], &b[1], &b[2], &b[3],
                           &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &b[11], &b[12], &b[13], &b[14],
-                          &b[15], &recompute))
+                          &b[15], &b[16], &b[17], &recompute))
         return NULL;
     PyObject *res = NULL;
+    Ctx c;
+    memset(&c, 0, sizeof c);
     Py_ssize_t n = b[3].len; /* sel: one byte per packet */
     if (!need(&b[1], 8 * n, 8, "off") || !need(&b[2], 8 * n, 8, "caplen") || !need(&b[4], 8 * n, 8, "l3") ||
         !need(&b[5], n, 1, "ipver") || !need(&b[6], 2 * n, 2, "ethertype") || !need(&b[7], n, 1, "proto") ||
         !need(&b[8], 8 * n, 8, "l4") || !need(&b[9], 8 * n, 8, "iplen") || !need(&b[10], 4 * n, 4, "src4") ||
         !need(&b[11], 4 * n, 4, "dst4") || !need(&b[12], 16 * n, 1, "src6") || !need(&b[13], 16 * n, 1, "dst6") ||
-        !need(&b[14], 0, 4, "a4"))
+        !need(&b[14], 0, 4, "a4") || !need(&b[15], 0, 4, "i4") || !need(&b[17], 0, 4, "i6"))
         goto done;
-    Ctx c;
-    memset(&c, 0, sizeof c);
     c.buf = b[0].buf;
     c.blen = b[0].len;
     c.off = b[1].buf;
@@ -625,24 +743,44 @@ static PyObject *run(PyObject *self, PyObject *args)
     c.src6 = b[12].buf;
     c.dst6 = b[13].buf;
     c.a4 = b[14].buf;
-    c.cap4 = b[14].len / 4;
-    c.a6 = b[15].buf;
-    c.cap6 = b[15].len / 16;
+    c.cap_u4 = b[14].len / 4;
+    c.i4 = b[15].buf;
+    c.cap4 = b[15].len / 4;
+    c.a6 = b[16].buf;
+    c.cap_u6 = b[16].len / 16;
+    c.i6 = b[17].buf;
+    c.cap6 = b[17].len / 4;
     c.apply = mode == 1;
     c.recompute = recompute;
+    if (!c.apply) {
+        c.bits4 = c.bits6 = 12;
+        c.t4 = PyMem_RawCalloc((size_t)1 << c.bits4, sizeof(int32_t));
+        c.t6 = PyMem_RawCalloc((size_t)1 << c.bits6, sizeof(int32_t));
+        if (!c.t4 || !c.t6) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
         if (c.sel[i])
             packet(&c, i);
     Py_END_ALLOW_THREADS
-    if (c.apply)
+    if (c.nomem)
+        PyErr_NoMemory();
+    else if (c.badindex)
+        PyErr_SetString(PyExc_RuntimeError, "_accel_anon.run: address tables do not match the packets");
+    else if (c.apply)
         res = Py_BuildValue("(LLLLLLL)", (long long)c.n4, (long long)c.n6, (long long)c.anonymized,
                             (long long)c.not_anonymized, (long long)c.corrected, (long long)c.offload,
                             (long long)c.truncated);
     else
-        res = Py_BuildValue("(LL)", (long long)c.n4, (long long)c.n6);
+        res = Py_BuildValue("(LLLLi)", (long long)c.n4, (long long)c.u4, (long long)c.n6, (long long)c.u6,
+                            c.overflow);
 done:
-    for (int j = 0; j < 16; j++)
+    PyMem_RawFree(c.t4);
+    PyMem_RawFree(c.t6);
+    for (int j = 0; j < NB; j++)
         if (b[j].obj)
             PyBuffer_Release(&b[j]);
     return res;
@@ -650,9 +788,10 @@ done:
 
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS,
-     "run(mode, buf, off, caplen, sel, l3, ipver, ethertype, proto, l4, iplen, src4, dst4, src6, dst6, a4, a6, "
-     "recompute): mode 0 collects the addresses to anonymize into a4/a6 and returns (n4, n6); mode 1 writes the "
-     "anonymized ones from a4/a6, fixes checksums and returns (n4, n6, packets_anonymized, not_anonymized, "
+     "run(mode, buf, off, caplen, sel, l3, ipver, ethertype, proto, l4, iplen, src4, dst4, src6, dst6, a4, i4, "
+     "a6, i6, recompute): mode 0 collects the distinct addresses to anonymize into a4/a6 (site k -> entry i4[k] / "
+     "i6[k]) and returns (sites4, distinct4, sites6, distinct6, overflow); mode 1 takes their images from a4/a6, "
+     "writes them, fixes checksums and returns (sites4, sites6, packets_anonymized, not_anonymized, "
      "checksums_corrected, offload_checksums, addresses_truncated)."},
     {NULL, NULL, 0, NULL}};
 

@@ -116,7 +116,7 @@ class Anonymizer:
         elif accelerated and _accel_anon is None:
             raise ImportError("capture_daemon._accel_anon is not built (python setup.py build_ext --inplace)")
         self.accelerated = bool(accelerated)
-        self._scratch4 = np.empty(0, dtype=np.uint32)
+        self._scratch4 = self._scratch_i4 = self._scratch_i6 = np.empty(0, dtype=np.uint32)
         self._scratch6 = np.empty((0, 16), dtype=np.uint8)
         self.packets_anonymized = 0
         self.not_anonymized = 0
@@ -174,8 +174,9 @@ class Anonymizer:
     # --- the C accelerator: same bytes and counters, packet by packet -----------------------
     def _apply_c(self, batch, h, sel) -> None:
         """Two C passes over the selected packets (capture_daemon/_accel_anon.c): the first
-        collects every address the numpy code would anonymize, in a fixed order; Crypto-PAn
-        runs once per family on all of them; the second writes them and fixes checksums."""
+        finds every address the numpy code would anonymize, in a fixed order, and collects the
+        distinct ones; Crypto-PAn runs once per family on those; the second pass writes the
+        images and fixes checksums exactly as the numpy code does."""
         c = np.ascontiguousarray
         i64 = np.int64
         args = [batch.buf, c(batch.off, i64), c(batch.caplen, i64), c(sel).view(np.uint8),
@@ -184,22 +185,23 @@ class Anonymizer:
                 c(h.src6, np.uint8), c(h.dst6, np.uint8)]
         if len(h.src6) != len(sel) or len(h.l3) != len(sel) or len(batch.off) != len(sel):
             raise ValueError("batch, headers and sel differ in length")
-        n4, n6 = _accel_anon.run(0, *args, self._scratch4, self._scratch6, self.recompute_whole)
-        if n4 > len(self._scratch4) or n6 > len(self._scratch6):
-            # Scratch grows to what a batch needed (x 1.5): reused, so pages stay mapped.
-            if n4 > len(self._scratch4):
-                self._scratch4 = np.empty(n4 + n4 // 2 + 64, dtype=np.uint32)
-            if n6 > len(self._scratch6):
-                self._scratch6 = np.empty((n6 + n6 // 2 + 64, 16), dtype=np.uint8)
-            n4, n6 = _accel_anon.run(0, *args, self._scratch4, self._scratch6, self.recompute_whole)
-        new4 = np.ascontiguousarray(self.cp.anonymize_v4(self._scratch4[:n4]), dtype=np.uint32)
-        new6 = np.ascontiguousarray(self.cp.anonymize_v6(self._scratch6[:n6]), dtype=np.uint8)
-        if not new4.flags.writeable:
-            new4 = new4.copy()
-        if not new6.flags.writeable:
-            new6 = new6.copy()
+        rec = self.recompute_whole
+        s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
+        n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
+        if overflow:
+            # Scratch grows to what a batch needed (x 1.5) and is kept: its pages stay mapped.
+            m4, m6 = n4 + n4 // 2 + 64, n6 + n6 // 2 + 64
+            self._scratch4, self._scratch_i4 = np.empty(m4, np.uint32), np.empty(m4, np.uint32)
+            self._scratch6, self._scratch_i6 = np.empty((m6, 16), np.uint8), np.empty(m6, np.uint32)
+            s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
+            n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
+            if overflow:
+                raise RuntimeError("_accel_anon: address scratch still too small")
+        # One vectorized Crypto-PAn call per family, on the batch's distinct addresses.
+        new4 = np.array(self.cp.anonymize_v4(s4[:u4]), dtype=np.uint32, copy=True)
+        new6 = np.array(self.cp.anonymize_v6(s6[:u6]), dtype=np.uint8, copy=True)
         m4, m6, touched, not_anon, corrected, offload, truncated = _accel_anon.run(
-            1, *args, new4, new6, self.recompute_whole)
+            1, *args, new4, i4[:n4], new6, i6[:n6], rec)
         if (m4, m6) != (n4, n6):  # both passes walk the same packets the same way
             raise RuntimeError(f"_accel_anon: passes disagree ({n4}, {n6}) != ({m4}, {m6})")
         self.packets_anonymized += touched
