@@ -38,6 +38,14 @@ Not rewritten (payload, not headers): IPv6 routing-header and home-address optio
 tunnelled inner headers (IP-in-IP, GRE, 6in4), addresses in application payloads (DNS, DHCP,
 ...). With a source-route option in flight, the TCP/UDP pseudo-header holds the route's final
 address, not the header's destination; such checksums follow the header's destination here.
+
+Two implementations, same bytes and counters: the numpy code below (the reference, vectorized
+over the batch) and the C accelerator capture_daemon/_accel_anon.c (per packet, in the same
+order), used when it is built (``Anonymizer(..., accelerated=None)``; ``ACCELERATED`` says
+whether it is). The C code finds every address the numpy code would rewrite and collects the
+distinct ones; Crypto-PAn (cryptopan.py) runs once per family per batch on those; a second C
+pass writes the images and fixes the checksums. tests/anon/test_anonymize_accel.py compares
+both on every trace, snaplen and link type, on mutated packets and on every truncation.
 """
 from __future__ import annotations
 

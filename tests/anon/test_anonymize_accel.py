@@ -285,3 +285,32 @@ def test_every_checksum_value_identical(case):
         pkts = [x[:caplen] for x in pkts]
     batch = from_packets(pkts, linktype=1, wirelens=[len(p)] * len(pkts))
     assert_same(batch)
+
+
+@needs_accel
+def test_headers_that_lie_do_not_crash():
+    """The C code checks every access against the packet's end and the buffer itself, so even
+    headers that contradict the bytes (not what parse produces) cannot make it crash. (Its two
+    passes may then disagree, as one packet's rewrite can move another's claimed headers: that
+    is a clean RuntimeError.)"""
+    from capture_daemon.parse import Headers  # noqa: PLC0415
+    rng = np.random.default_rng(7)
+    pools, _ = build_pools(rng)
+    for lt in LINKTYPES[:3]:
+        batch = mutated_batch(pools[lt], lt, 20000, rng, 10.0)
+        h = parse(batch)
+        n, blen = len(batch), len(batch.buf)
+        pick = rng.random(n) < 0.5
+        lie = Headers(**{k: np.copy(getattr(h, k)) for k in h.__dataclass_fields__})
+        lie.l3[pick] = rng.integers(-5, blen + 100, int(pick.sum()))
+        lie.l4[pick] = rng.integers(-5, blen + 100, int(pick.sum()))
+        lie.iplen[pick] = rng.integers(-100_000, 1 << 20, int(pick.sum()))
+        lie.ipver[pick] = rng.choice(np.array([0, 4, 6, 5], np.uint8), int(pick.sum()))
+        lie.proto[pick] = rng.choice(np.array([1, 6, 17, 58, 0], np.uint8), int(pick.sum()))
+        lie.ethertype[pick] = rng.choice(np.array([0x0800, 0x86DD, 0x0806, 0], np.uint16), int(pick.sum()))
+        b = _copy(batch)
+        b.caplen[rng.random(n) < 0.01] += 50  # caplens past the buffer's end, too
+        try:
+            Anonymizer(CP, accelerated=True).apply(b, lie, np.ones(n, dtype=bool))
+        except RuntimeError as e:
+            assert "do not match" in str(e) or "disagree" in str(e)
