@@ -38,6 +38,14 @@ Not rewritten (payload, not headers): IPv6 routing-header and home-address optio
 tunnelled inner headers (IP-in-IP, GRE, 6in4), addresses in application payloads (DNS, DHCP,
 ...). With a source-route option in flight, the TCP/UDP pseudo-header holds the route's final
 address, not the header's destination; such checksums follow the header's destination here.
+
+Two implementations, same bytes and counters: the numpy code below (the reference, vectorized
+over the batch) and the C accelerator capture_daemon/_accel_anon.c (per packet, in the same
+order), used when it is built (``Anonymizer(..., accelerated=None)``; ``ACCELERATED`` says
+whether it is). The C code finds every address the numpy code would rewrite and collects the
+distinct ones; Crypto-PAn (cryptopan.py) runs once per family per batch on those; a second C
+pass writes the images and fixes the checksums. tests/anon/test_anonymize_accel.py compares
+both on every trace, snaplen and link type, on mutated packets and on every truncation.
 """
 from __future__ import annotations
 
@@ -45,6 +53,14 @@ import numpy as np
 
 from . import checksum as ck
 from .cryptopan import CryptoPAn
+
+try:  # the C accelerator (capture_daemon/_accel_anon.c), built by setup.py build_ext
+    from . import _accel_anon
+except ImportError:  # pragma: no cover - not built: the numpy reference below does the work
+    _accel_anon = None
+
+#: True when the C accelerator is importable (Anonymizer uses it unless told otherwise).
+ACCELERATED = _accel_anon is not None
 
 ETH_IPV4, ETH_IPV6, ETH_ARP = 0x0800, 0x86DD, 0x0806
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
@@ -98,9 +114,18 @@ class _WholeChecks:
 class Anonymizer:
     """Rewrites the selected packets of a batch in place (see module doc)."""
 
-    def __init__(self, cp: CryptoPAn, recompute_whole: bool = True):
+    def __init__(self, cp: CryptoPAn, recompute_whole: bool = True, accelerated: bool | None = None):
         self.cp = cp
         self.recompute_whole = recompute_whole
+        # accelerated: None = the C accelerator when it is built, else the numpy reference;
+        # True = the C accelerator (ImportError if not built); False = the numpy reference.
+        if accelerated is None:
+            accelerated = _accel_anon is not None
+        elif accelerated and _accel_anon is None:
+            raise ImportError("capture_daemon._accel_anon is not built (python setup.py build_ext --inplace)")
+        self.accelerated = bool(accelerated)
+        self._scratch4 = self._scratch_i4 = self._scratch_i6 = np.empty(0, dtype=np.uint32)
+        self._scratch6 = np.empty((0, 16), dtype=np.uint8)
         self.packets_anonymized = 0
         self.not_anonymized = 0
         self.checksums_corrected = 0
@@ -127,6 +152,9 @@ class Anonymizer:
             return
         if not batch.buf.flags.writeable:
             batch.make_writable()
+        if self.accelerated:
+            self._apply_c(batch, headers, sel)
+            return
         buf = batch.buf
         end = (batch.off + batch.caplen).astype(np.int64)
         h = headers
@@ -150,6 +178,45 @@ class Anonymizer:
         if self.recompute_whole:
             self._recompute_whole(buf, whole)
         self.packets_anonymized += int(touched.sum())
+
+    # --- the C accelerator: same bytes and counters, packet by packet -----------------------
+    def _apply_c(self, batch, h, sel) -> None:
+        """Two C passes over the selected packets (capture_daemon/_accel_anon.c): the first
+        finds every address the numpy code would anonymize, in a fixed order, and collects the
+        distinct ones; Crypto-PAn runs once per family on those; the second pass writes the
+        images and fixes checksums exactly as the numpy code does."""
+        c = np.ascontiguousarray
+        i64 = np.int64
+        args = [batch.buf, c(batch.off, i64), c(batch.caplen, i64), c(sel).view(np.uint8),
+                c(h.l3, i64), c(h.ipver, np.uint8), c(h.ethertype, np.uint16), c(h.proto, np.uint8),
+                c(h.l4, i64), c(h.iplen, i64), c(h.src4, np.uint32), c(h.dst4, np.uint32),
+                c(h.src6, np.uint8), c(h.dst6, np.uint8)]
+        if len(h.src6) != len(sel) or len(h.l3) != len(sel) or len(batch.off) != len(sel):
+            raise ValueError("batch, headers and sel differ in length")
+        rec = self.recompute_whole
+        s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
+        n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
+        if overflow:
+            # Scratch grows to what a batch needed (x 1.5) and is kept: its pages stay mapped.
+            m4, m6 = n4 + n4 // 2 + 64, n6 + n6 // 2 + 64
+            self._scratch4, self._scratch_i4 = np.empty(m4, np.uint32), np.empty(m4, np.uint32)
+            self._scratch6, self._scratch_i6 = np.empty((m6, 16), np.uint8), np.empty(m6, np.uint32)
+            s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
+            n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
+            if overflow:
+                raise RuntimeError("_accel_anon: address scratch still too small")
+        # One vectorized Crypto-PAn call per family, on the batch's distinct addresses.
+        new4 = np.array(self.cp.anonymize_v4(s4[:u4]), dtype=np.uint32, copy=True)
+        new6 = np.array(self.cp.anonymize_v6(s6[:u6]), dtype=np.uint8, copy=True)
+        m4, m6, touched, not_anon, corrected, offload, truncated = _accel_anon.run(
+            1, *args, new4, i4[:n4], new6, i6[:n6], rec)
+        if (m4, m6) != (n4, n6):  # both passes walk the same packets the same way
+            raise RuntimeError(f"_accel_anon: passes disagree ({n4}, {n6}) != ({m4}, {m6})")
+        self.packets_anonymized += touched
+        self.not_anonymized += not_anon
+        self.checksums_corrected += corrected
+        self.offload_checksums += offload
+        self.addresses_truncated += truncated
 
     # --- IPv4: the common path, vectorized over the batch -------------------------------
     def _ipv4(self, buf, h, idx, e, whole):

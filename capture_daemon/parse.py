@@ -3,10 +3,15 @@
 Every field is a numpy array with one entry per packet. A field is read only where its bytes
 were captured (``pos + width <= end of packet``); elsewhere it holds 0 / -1. Loops here run
 over header *levels* (VLAN tags, IPv6 extension headers), never over packets.
+
+``parse_numpy`` is the reference. ``parse`` uses the C accelerator (``_accel_parse.c``, one loop
+over the packets, same Headers field for field; tests/capture/test_parse_accel.py) when it is
+built (``ACCELERATED``), else the reference.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,23 +128,23 @@ def _link_layer(batch: Batch, rd: _Reader):
     elif lt == DLT_LINUX_SLL:
         et_pos = off + 14
     elif lt == DLT_LINUX_SLL2:
-        et = rd.u16(off)
+        et = rd.u16(off, rd.ok(off, 2))
         return off + 20, et, vlan, ~rd.ok(off, 20)
     elif lt in (DLT_NULL, DLT_LOOP):
-        raw = rd.u32(off)
+        raw = rd.u32(off, rd.ok(off, 4))
         if lt == DLT_NULL:  # host byte order of the capturing machine: accept both
             swapped = raw.byteswap()
             raw = np.where(raw > 0xFFFF, swapped, raw)
         et = np.select([raw == 2, np.isin(raw, (10, 24, 28, 30))], [ETH_IPV4, ETH_IPV6], 0)
         return off + 4, et.astype(np.uint16), vlan, ~rd.ok(off, 4)
     elif lt in RAW_IP_LINKTYPES:
-        version = rd.u8(off) >> 4
+        version = rd.u8(off, rd.ok(off, 1)) >> 4
         et = np.select([version == 4, version == 6], [ETH_IPV4, ETH_IPV6], 0).astype(np.uint16)
         return off.copy(), et, vlan, np.zeros(n, dtype=bool)
     else:
         raise ValueError(f"unsupported link type {lt}")
-    et = rd.u16(et_pos)
     short = ~rd.ok(et_pos, 2)
+    et = rd.u16(et_pos, ~short)
     pos = et_pos + 2
     for _ in range(MAX_VLAN_TAGS):
         tagged = _any_of(et, VLAN_TPIDS) & rd.ok(pos, 4)
@@ -152,7 +157,8 @@ def _link_layer(batch: Batch, rd: _Reader):
     return pos, et, vlan, short
 
 
-def parse(batch: Batch) -> Headers:
+def parse_numpy(batch: Batch) -> Headers:
+    """The reference implementation (numpy, one gather per field); parse() uses the C one when built."""
     rd = _Reader(batch)
     l3, ethertype, vlan, malformed = _link_layer(batch, rd)
     malformed = malformed & (batch.wirelen > 0)
@@ -233,3 +239,60 @@ def parse(batch: Batch) -> Headers:
                    frag_later=frag_later, sport=sport.astype(np.uint16), dport=dport,
                    tcpflags=tcpflags, tos=tos, iplen=iplen.astype(np.int64),
                    src4=src4, dst4=dst4, src6=src6, dst6=dst6, malformed=malformed)
+
+
+# The C accelerator (capture_daemon/_accel_parse.c, built by setup.py): same Headers, one pass
+# over the packets. parse() uses it when it is built; ACCELERATED says whether it is.
+try:
+    from . import _accel_parse
+except ImportError:  # not built: the numpy reference does the work
+    _accel_parse = None
+ACCELERATED = _accel_parse is not None
+
+_HEADER_DTYPES = (  # Headers' fields in order, with the dtype and per-packet shape of each
+    ("ethertype", np.uint16, ()), ("l3", np.int64, ()), ("ipver", np.uint8, ()), ("vlan", np.int32, ()),
+    ("proto", np.uint8, ()), ("l4", np.int64, ()), ("frag_later", np.bool_, ()), ("sport", np.uint16, ()),
+    ("dport", np.uint16, ()), ("tcpflags", np.uint8, ()), ("tos", np.uint8, ()), ("iplen", np.int64, ()),
+    ("src4", np.uint32, ()), ("dst4", np.uint32, ()), ("src6", np.uint8, (16,)), ("dst6", np.uint8, (16,)),
+    ("malformed", np.bool_, ()),
+)
+
+
+def _int64_column(a):
+    if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 1:
+        return None
+    return np.ascontiguousarray(a)
+
+
+def parse_c(batch: Batch) -> Headers | None:
+    """parse_numpy's Headers from the C accelerator; None when it is not built or the batch is
+    one it does not take (unusual dtypes or shapes, an unsupported link type, packets outside
+    the buffer), which parse() then hands to the numpy reference."""
+    if _accel_parse is None:
+        return None
+    buf = batch.buf
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
+        return None
+    off, caplen, wirelen = _int64_column(batch.off), _int64_column(batch.caplen), _int64_column(batch.wirelen)
+    if off is None or caplen is None or wirelen is None or not len(off) == len(caplen) == len(wirelen):
+        return None
+    try:
+        linktype = operator.index(batch.linktype)
+    except TypeError:
+        return None
+    if linktype not in SUPPORTED_LINKTYPES:
+        return None
+    n = len(off)
+    outs = tuple(np.empty((n,) + shape, dtype=dtype) for _, dtype, shape in _HEADER_DTYPES)
+    if not _accel_parse.parse(np.ascontiguousarray(buf), off, caplen, wirelen, linktype, outs):
+        return None
+    return Headers(*outs)
+
+
+def parse(batch: Batch) -> Headers:
+    """Headers of every packet of the batch: the C accelerator when built, else parse_numpy."""
+    if _accel_parse is not None:
+        h = parse_c(batch)
+        if h is not None:
+            return h
+    return parse_numpy(batch)

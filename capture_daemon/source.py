@@ -2,9 +2,11 @@
 
 pcapy-ng's ``next_batch`` returns the packets and (sec, usec, offset, caplen) per packet, but
 not the wire length, which pcap records and byte counts need. We recover it per batch:
-- a classic pcap savefile read without a libpcap filter: the records lie back to back, so the
-  file offset of each record header is a cumulative sum of (16 + caplen) and the wire length
-  is read from the mapped file — exact, vectorized;
+- a classic pcap savefile read without a libpcap filter: the records lie back to back. With the
+  C accelerator (_accel_read) we read the file ourselves in large chunks and walk the records
+  in C: exact wire lengths, writable buffers, no per-packet Python work. Without it, the file
+  offset of each record is a cumulative sum of (16 + caplen) over next_batch's caplens and the
+  wire length is read from the file with pread — exact, vectorized, about half as fast;
 - otherwise (live capture, filtered savefiles, pcapng): a packet shorter than the snaplen was
   captured whole (wirelen == caplen); a truncated IP packet's wire length is its link header
   plus the IP datagram length; a truncated non-IP packet is counted at its captured length
@@ -30,7 +32,14 @@ try:
 except ImportError:  # reported clearly by the CLI
     pcapy = None
 
+try:
+    from . import _accel_read
+except ImportError:  # not built: the pcapy-ng + pread path below (tests cover both)
+    _accel_read = None
+
 BATCH_PACKETS = 65536
+CHUNK_BYTES = 8 << 20   # savefile bytes read per batch by the direct reader
+MAX_CAPLEN = 262144     # libpcap's largest snapshot length: a bigger record is corruption
 PCAP_MAGICS = {0xA1B2C3D4: ("<", 1_000), 0xD4C3B2A1: (">", 1_000),
                0xA1B23C4D: ("<", 1), 0x4D3CB2A1: (">", 1)}
 
@@ -98,8 +107,11 @@ class PcapSource:
                 # processed (a batch's worth of memory)
                 data = meta = None
                 buf, off, wirelen = records
-                yield Batch(buf, off, caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
-                            self.linktype, records=self._native_records)
+                if self._native_records:
+                    yield Batch(buf, off, caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
+                                self.linktype, records=True)
+                else:  # the record headers between packets are not writable as they are
+                    yield _packed(buf, off, caplen, wirelen, m[:, 0], m[:, 1], self.linktype)
                 continue
             wirelen = self._estimate_wire_lengths(buf, m[:, 2], caplen)
             yield Batch(buf, m[:, 2].copy(), caplen.copy(), wirelen, m[:, 0].copy(), m[:, 1].copy(),
@@ -209,8 +221,45 @@ class OfflineSource(PcapSource):
         if header and not filter_expr and os.path.getsize(path) > 24:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self._endian = header[0]
+            magic = _read_magic(path)
             # Records we can pass through unchanged: little-endian, microsecond timestamps.
-            self._native_records = _read_magic(path) == 0xA1B2C3D4
+            self._native_records = magic == 0xA1B2C3D4
+            self._nanoseconds = PCAP_MAGICS[magic][1] == 1
+            self.direct = _accel_read is not None
+
+    direct = False  # reading the savefile ourselves (see module doc), not through next_batch
+
+    def batches(self):
+        if not self.direct:
+            yield from super().batches()
+            return
+        pending = np.zeros(0, dtype=np.uint8)  # a record cut by the end of the last chunk
+        swap = self._endian == ">"
+        while True:
+            buf = np.empty(max(CHUNK_BYTES, len(pending) + 16 + MAX_CAPLEN), dtype=np.uint8)
+            buf[:len(pending)] = pending
+            got = os.preadv(self._fd, [memoryview(buf)[len(pending):]], self._file_pos)
+            self._file_pos += got
+            end = len(pending) + got
+            cap = max(BATCH_PACKETS, end // 32)  # a record is at least 16 bytes + headers
+            out = np.empty((5, cap), dtype=np.int64)
+            n, pos, bad = _accel_read.scan(buf, 0, end, swap, self._nanoseconds, MAX_CAPLEN, *out)
+            if n:
+                off, caplen, wirelen, sec, usec = out[:, :n]
+                if self._native_records:
+                    yield Batch(buf[:pos], off, caplen, wirelen, sec, usec, self.linktype,
+                                records=True)
+                else:  # big-endian or nanosecond records: packets packed, headers dropped
+                    yield _packed(buf, off, caplen, wirelen, sec, usec, self.linktype)
+            if bad >= 0:
+                raise SourceError(f"{self.description}: invalid packet capture length {bad}, "
+                                  f"bigger than maximum of {MAX_CAPLEN}")
+            pending = buf[pos:end].copy()
+            if got == 0:
+                if len(pending):
+                    raise SourceError(f"{self.description}: truncated dump file; "
+                                      f"{len(pending)} bytes of a last record")
+                return
 
     def _records(self, caplen):
         """The batch's records read from the file (pread: memory stays bounded by a batch)."""
@@ -243,6 +292,15 @@ class OfflineSource(PcapSource):
             os.close(self._fd)
             self._fd = None
         super().close()
+
+
+def _packed(buf, off, caplen, wirelen, sec, usec, linktype) -> Batch:
+    """A packed batch (packets back to back, see batch.py) of packets lying anywhere in buf."""
+    new_off = np.zeros(len(off), dtype=np.int64)
+    if len(off) > 1:
+        np.cumsum(caplen[:-1], out=new_off[1:])
+    data = buf[np.repeat(off - new_off, caplen) + np.arange(int(caplen.sum()))]
+    return Batch(data, new_off, caplen.copy(), wirelen.copy(), sec.copy(), usec.copy(), linktype)
 
 
 def _read_magic(path: str) -> int:

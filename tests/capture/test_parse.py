@@ -1,4 +1,5 @@
-"""The vectorized parser agrees with tshark on every bundled trace, across link types."""
+"""The parser agrees with tshark on every bundled trace, across link types: parse() (the C
+accelerator when built) and the numpy reference parse_numpy alike."""
 
 import ipaddress
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from capture_daemon.batch import Batch, from_packets
-from capture_daemon.parse import parse
+from capture_daemon.parse import parse, parse_numpy
 from capture_daemon.source import open_source
 from tests.helpers import TRACES, tshark_fields
 
@@ -24,8 +25,12 @@ def first(value):
     return value.split(",")[0] if value else ""
 
 
+IMPLS = pytest.mark.parametrize("parse", [parse, parse_numpy], ids=["parse", "numpy"])
+
+
+@IMPLS
 @pytest.mark.parametrize("trace", TRACES, ids=os.path.basename)
-def test_parse_agrees_with_tshark(trace):
+def test_parse_agrees_with_tshark(trace, parse):
     rows = tshark_fields(trace, "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport",
                          "tcp.dstport", "udp.srcport", "udp.dstport", "vlan.id", "ip.frag_offset",
                          "ipv6.fraghdr.offset", "icmp.type", "icmpv6.type",
@@ -79,8 +84,9 @@ def relink(batch: Batch, linktype: int) -> Batch:
     return from_packets(pkts, linktype=linktype)
 
 
+@IMPLS
 @pytest.mark.parametrize("linktype", [101, 113])
-def test_other_link_types_give_the_same_headers(linktype):
+def test_other_link_types_give_the_same_headers(linktype, parse):
     trace = [t for t in TRACES if t.endswith("zeek__mdns.pcap")][0]
     [b] = read_all(trace)
     eth = parse(b)
@@ -89,7 +95,8 @@ def test_other_link_types_give_the_same_headers(linktype):
         assert np.array_equal(getattr(eth, field), getattr(other, field)), field
 
 
-def test_truncated_and_garbage_packets_never_raise():
+@IMPLS
+def test_truncated_and_garbage_packets_never_raise(parse):
     rng = np.random.default_rng(7)
     pkts = [rng.integers(0, 256, size=int(n), dtype=np.uint8).tobytes() for n in rng.integers(0, 80, 5000)]
     # make many of them look like IP so deeper code paths run

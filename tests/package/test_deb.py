@@ -150,7 +150,7 @@ def repack_with_version(deb: Path, version: str, outdir: Path) -> Path:
     run(["dpkg-deb", "-R", str(deb), str(tree)])
     control = tree / "DEBIAN/control"
     control.write_text(re.sub(r"(?m)^Version: .*$", f"Version: {version}", control.read_text()))
-    out = outdir / f"gims_{version}_all.deb"
+    out = outdir / f"gims_{version}_repack.deb"
     run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)])
     shutil.rmtree(tree)
     return out
