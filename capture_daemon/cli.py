@@ -154,15 +154,17 @@ def _make_output(settings, source, sampler):
         return PcapOutput(source.linktype, source.snaplen)
     if settings.aggregate == "counts":
         return CountsOutput(settings.counts_interval)
-    from .flow_output import FLOW_BATCH_PACKETS, FlowOutput
+    from .flow_output import FLOW_BATCH_PACKETS, FLOW_CHUNK_BYTES, FlowOutput
     # the flow meter's cost per packet does not grow with smaller batches; its memory (and
     # parse's, the reader's) per batch does
-    from .source import BATCH_PACKETS
+    from .source import BATCH_PACKETS, CHUNK_BYTES
     source.batch_packets = min(source.batch_packets or BATCH_PACKETS, FLOW_BATCH_PACKETS)
+    source.chunk_bytes = min(getattr(source, "chunk_bytes", None) or CHUNK_BYTES, FLOW_CHUNK_BYTES)
     return FlowOutput(idle_timeout=settings.flow_idle_timeout,
                       active_timeout=settings.flow_active_timeout,
                       max_flows=settings.flow_max_flows, sampling=sampler.describe(),
-                      export_url=settings.ipfix_export)
+                      export_url=settings.ipfix_export,
+                      read_back_addresses=bool(settings.anon_key_hex or settings.anon_key_file))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ _REASONS = {END_IDLE: "idle_timeout", END_ACTIVE: "active_timeout",
             END_RESOURCES: "lack_of_resources"}
 _FLUSH_RECORDS = 2048          # write a file message once this many records wait
 _FLUSH_US = 1_000_000          # ... or once a second of packet time has passed
-FLOW_BATCH_PACKETS = 16384     # packets per batch read for --aggregate flows (memory)
+FLOW_BATCH_PACKETS = 16384     # packets per batch read for --aggregate flows (memory) ...
+FLOW_CHUNK_BYTES = 2 << 20     # ... and savefile bytes per batch of the direct reader
 _ENCODE_RECORDS = 8192         # records encoded at a time (IPv4 then IPv6 within each)
 
 
@@ -47,26 +48,13 @@ def _check_sampling(sampling):
     raise ValueError(f"unknown sampling type {kind!r}")
 
 
-def _rewritable(batch):
-    """The batch buffer when something may have rewritten it after parse (the anonymizer
-    works on a writable copy), else None."""
-    buf = getattr(batch, "buf", None)
-    flags = getattr(buf, "flags", None)
-    if buf is None or (flags is not None and not flags.writeable):
-        return None
-    return buf
-
-
 def _with_packet_addresses(batch, h):
     """headers whose addresses are read back from the packet bytes.
 
     The anonymizer rewrites the addresses in the batch buffer (what the pcap output writes)
     but not the parsed header arrays; reading them back makes flow records carry exactly the
-    addresses an anonymized pcap of the same packets would show.  One gather per batch.
-
-    A read-only buffer (as the sources hand batches over) cannot have been rewritten since
-    parse read the addresses from it: the header arrays are then exact as they are."""
-    buf = _rewritable(batch)
+    addresses an anonymized pcap of the same packets would show.  One gather per batch."""
+    buf = getattr(batch, "buf", None)
     if buf is None:                      # header-only batches (tests): nothing to read back
         return h
     out = copy.copy(h)
@@ -95,10 +83,14 @@ class FlowOutput:
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
                  max_flows: int = 1_000_000, sampling: dict | None = None,
                  export_url: str | None = None, observation_domain: int = 1,
-                 biflow: bool = False, tcp_end_timeout: float = 30.0):
+                 biflow: bool = False, tcp_end_timeout: float = 30.0,
+                 read_back_addresses: bool = True):
         self.sampling = _check_sampling(sampling)
         self.domain = int(observation_domain) & 0xFFFFFFFF
         self.biflow = bool(biflow)
+        # an anonymizer rewrites the addresses in the packets after parse: read them back.
+        # Without one (the CLI says so) the parsed header arrays are exact as they are.
+        self.read_back = bool(read_back_addresses)
         self.meter = FlowMeter(idle_timeout=idle_timeout, active_timeout=active_timeout,
                                tcp_end_timeout=tcp_end_timeout, max_flows=max_flows,
                                biflow=biflow)
@@ -141,9 +133,11 @@ class FlowOutput:
                                                                                  dtype=np.int64)
         if len(ts) == 0:
             return
-        if self.meter.accelerated:
+        if not self.read_back:
+            self.meter.add(ts, headers, keep)
+        elif self.meter.accelerated:
             # the C meter reads the addresses back from the packet bytes itself (no copies)
-            self.meter.add(ts, headers, keep, buf=_rewritable(batch))
+            self.meter.add(ts, headers, keep, buf=getattr(batch, "buf", None))
         else:
             self.meter.add(ts, _with_packet_addresses(batch, headers), keep)
         latest = int(ts.max())

@@ -228,6 +228,7 @@ class OfflineSource(PcapSource):
             self.direct = _accel_read is not None
 
     direct = False  # reading the savefile ourselves (see module doc), not through next_batch
+    chunk_bytes = None  # savefile bytes per batch of the direct reader, None: CHUNK_BYTES
 
     def batches(self):
         if not self.direct:
@@ -236,12 +237,14 @@ class OfflineSource(PcapSource):
         pending = np.zeros(0, dtype=np.uint8)  # a record cut by the end of the last chunk
         swap = self._endian == ">"
         while True:
-            buf = np.empty(max(CHUNK_BYTES, len(pending) + 16 + MAX_CAPLEN), dtype=np.uint8)
+            chunk = self.chunk_bytes or CHUNK_BYTES
+            buf = np.empty(max(chunk, len(pending) + 16 + MAX_CAPLEN), dtype=np.uint8)
             buf[:len(pending)] = pending
             got = os.preadv(self._fd, [memoryview(buf)[len(pending):]], self._file_pos)
             self._file_pos += got
             end = len(pending) + got
-            cap = max(BATCH_PACKETS, end // 32)  # a record is at least 16 bytes + headers
+            # a record is at least 16 bytes + headers
+            cap = max(min(BATCH_PACKETS, chunk // 32), end // 32)
             out = np.empty((5, cap), dtype=np.int64)
             n, pos, bad = _accel_read.scan(buf, 0, end, swap, self._nanoseconds, MAX_CAPLEN, *out)
             if n:
