@@ -57,8 +57,11 @@ typedef struct {
     /* table */
     Flow *tab;
     Py_ssize_t cap;
-    Py_ssize_t *fstack;          /* free slots; top = fstack[nfree - 1] */
-    Py_ssize_t nfree;
+    /* The reference's free stack, bottom to top: the never-used slots [virgin, cap) in
+     * descending order (implicit), then the freed slots fstack[0 .. nexp) (explicit).
+     * Slots from virgin up are never touched, so their pages are never resident. */
+    int32_t *fstack;
+    Py_ssize_t nexp, fcap, virgin;
     Py_ssize_t nactive;
     int32_t *ht;                 /* open addressing, -1 empty, value = slot */
     size_t htmask;
@@ -187,7 +190,17 @@ static void ht_del(Meter *m, Py_ssize_t slot)
     m->ht[i] = -1;
 }
 
-/* reference: new = max(old * 2, old + need); new slots go to the bottom of the free stack */
+static inline Py_ssize_t free_count(const Meter *m) { return m->cap - m->virgin + m->nexp; }
+
+/* entry pos (from the bottom) of the reference's free stack */
+static inline Py_ssize_t free_at(const Meter *m, Py_ssize_t pos)
+{
+    Py_ssize_t vr = m->cap - m->virgin;
+    return pos < vr ? m->cap - 1 - pos : m->fstack[pos - vr];
+}
+
+/* reference: new = max(old * 2, old + need); new slots go to the bottom of the free stack
+ * (here: the never-used run grows; nothing is written to the new slots) */
 static int grow(Meter *m, Py_ssize_t need)
 {
     Py_ssize_t old = m->cap;
@@ -196,14 +209,6 @@ static int grow(Meter *m, Py_ssize_t need)
     Flow *t = PyMem_Realloc(m->tab, (size_t)nc * sizeof(Flow));
     if (!t) { PyErr_NoMemory(); return -1; }
     m->tab = t;
-    memset(t + old, 0, (size_t)(nc - old) * sizeof(Flow));
-    Py_ssize_t *fs = PyMem_Realloc(m->fstack, (size_t)nc * sizeof(Py_ssize_t));
-    if (!fs) { PyErr_NoMemory(); return -1; }
-    m->fstack = fs;
-    Py_ssize_t add = nc - old;
-    memmove(fs + add, fs, (size_t)m->nfree * sizeof(Py_ssize_t));
-    for (Py_ssize_t i = 0; i < add; i++) fs[i] = nc - 1 - i;
-    m->nfree += add;
     m->cap = nc;
     size_t hsz = 1;
     while (hsz < (size_t)nc * 2) hsz <<= 1;
@@ -214,7 +219,7 @@ static int grow(Meter *m, Py_ssize_t need)
         m->ht = h;
         m->htmask = hsz - 1;
         memset(h, 0xFF, hsz * sizeof(int32_t));
-        for (Py_ssize_t s = 0; s < old; s++)
+        for (Py_ssize_t s = 0; s < m->virgin; s++)
             if (m->tab[s].used) ht_put(m, s);
     }
     return 0;
@@ -225,7 +230,7 @@ static int expire_slot(Meter *m, Py_ssize_t s, int reason)
     if (emit(m, &m->tab[s], reason) < 0) return -1;
     ht_del(m, s);
     m->tab[s].used = 0;
-    m->fstack[m->nfree++] = s;
+    m->fstack[m->nexp++] = (int32_t)s;      /* fcap >= virgin > every used slot */
     m->nactive--;
     return 0;
 }
@@ -376,7 +381,7 @@ static int enforce_bound(Meter *m)
     EndSlot *v = PyMem_Malloc((size_t)m->nactive * sizeof(EndSlot));
     if (!v) { PyErr_NoMemory(); return -1; }
     Py_ssize_t k = 0;
-    for (Py_ssize_t s = 0; s < m->cap; s++)
+    for (Py_ssize_t s = 0; s < m->virgin; s++)
         if (m->tab[s].used) { v[k].end = m->tab[s].end; v[k].slot = s; k++; }
     qsort(v, (size_t)k, sizeof(EndSlot), cmp_endslot);
     m->st_forced += (uint64_t)over;
@@ -702,16 +707,27 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
         if (emit(m, &segC->v[i].f, segC->v[i].reason) < 0) goto done;
     /* ---- phase D: open segments start new flows; slots from the top of the free stack */
     if (segD->n) {
-        if (m->nfree < segD->n && grow(m, segD->n - m->nfree) < 0) goto done;
-        Py_ssize_t base = m->nfree - segD->n;
-        for (Py_ssize_t i = 0; i < segD->n; i++) {
-            Py_ssize_t s = m->fstack[base + i];
+        Py_ssize_t nd = segD->n;
+        if (free_count(m) < nd && grow(m, nd - free_count(m)) < 0) goto done;
+        Py_ssize_t new_virgin = m->virgin + (nd > m->nexp ? nd - m->nexp : 0);
+        if (new_virgin > m->fcap) {         /* room to free every slot ever used */
+            Py_ssize_t fc = m->fcap * 2 > new_virgin ? m->fcap * 2 : new_virgin;
+            if (fc > m->cap) fc = m->cap;
+            int32_t *fs = PyMem_Realloc(m->fstack, (size_t)fc * sizeof(int32_t));
+            if (!fs) { PyErr_NoMemory(); goto done; }
+            m->fstack = fs;
+            m->fcap = fc;
+        }
+        Py_ssize_t base = free_count(m) - nd;
+        for (Py_ssize_t i = 0; i < nd; i++) {
+            Py_ssize_t s = free_at(m, base + i);
             m->tab[s] = segD->v[i].f;
             m->tab[s].used = 1;
             ht_put(m, s);
         }
-        m->nfree = base;
-        m->nactive += segD->n;
+        if (nd > m->nexp) { m->virgin = new_virgin; m->nexp = 0; }
+        else m->nexp -= nd;
+        m->nactive += nd;
     }
     if (enforce_bound(m) < 0) goto done;
     /* the batch's octets as numpy's int64 sum gives them (wrapped); the wrapper adds them
@@ -730,7 +746,7 @@ static int scan(Meter *m, int64_t now)
     Py_ssize_t cnt[6] = {0};
     Py_ssize_t nexp = 0;
     int32_t *exp = NULL;
-    for (Py_ssize_t s = 0; s < m->cap; s++) {
+    for (Py_ssize_t s = 0; s < m->virgin; s++) {
         Flow *f = &m->tab[s];
         if (!f->used) continue;
         int r = reason_of(f->fin, f->end, f->start, now, m->idle_us, m->end_us, m->active_us);
@@ -783,10 +799,10 @@ static PyObject *Meter_flush(Meter *m, PyObject *Py_UNUSED(ignored))
         if (advance(m, m->now) < 0) return NULL;
     }
     if (out_reserve(m, m->nactive) < 0) return NULL;
-    for (Py_ssize_t s = 0; s < m->cap; s++)
+    for (Py_ssize_t s = 0; s < m->virgin; s++)
         if (m->tab[s].used && m->tab[s].fin)
             if (expire_slot(m, s, END_DETECTED) < 0) return NULL;
-    for (Py_ssize_t s = 0; s < m->cap; s++)
+    for (Py_ssize_t s = 0; s < m->virgin; s++)
         if (m->tab[s].used)
             if (expire_slot(m, s, END_FORCED) < 0) return NULL;
     Py_RETURN_NONE;
