@@ -67,6 +67,8 @@ typedef struct {
     size_t htmask;
     /* time */
     int have_now, have_scan;
+    int flush_phase;             /* flush_part(): 0 start, 1 FIN/RST pass, 2 forced pass */
+    Py_ssize_t flush_pos;
     int64_t now, next_scan;
     /* output records, RECORD_DTYPE layout */
     PyObject *out;               /* bytearray handed over by take() as it is (no copy) */
@@ -400,6 +402,7 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
                            &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15]))
         return NULL;
     if (!m->tab) { PyErr_SetString(PyExc_RuntimeError, "not initialized"); return NULL; }
+    m->flush_phase = 0;
     Buf B[16];
     memset(B, 0, sizeof B);
     PyObject *ret = NULL;
@@ -787,6 +790,7 @@ static PyObject *Meter_advance(Meter *m, PyObject *arg)
     long long now = PyLong_AsLongLong(arg);
     if (now == -1 && PyErr_Occurred()) return NULL;
     if (!m->tab) { PyErr_SetString(PyExc_RuntimeError, "not initialized"); return NULL; }
+    m->flush_phase = 0;
     if (advance(m, now) < 0) return NULL;
     Py_RETURN_NONE;
 }
@@ -794,6 +798,7 @@ static PyObject *Meter_advance(Meter *m, PyObject *arg)
 static PyObject *Meter_flush(Meter *m, PyObject *Py_UNUSED(ignored))
 {
     if (!m->tab) { PyErr_SetString(PyExc_RuntimeError, "not initialized"); return NULL; }
+    m->flush_phase = 0;
     if (m->have_now) {
         m->have_scan = 0;
         if (advance(m, m->now) < 0) return NULL;
@@ -806,6 +811,40 @@ static PyObject *Meter_flush(Meter *m, PyObject *Py_UNUSED(ignored))
         if (m->tab[s].used)
             if (expire_slot(m, s, END_FORCED) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+/* flush() in parts of at most `max` records (the first part may hold more: the flows the
+ * scan at the latest packet time expires); True when the table is empty.  The records and
+ * their order are flush()'s.  Any add() or advance() in between starts a new flush. */
+static PyObject *Meter_flush_part(Meter *m, PyObject *arg)
+{
+    Py_ssize_t max = PyLong_AsSsize_t(arg);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+    if (max < 1) { PyErr_SetString(PyExc_ValueError, "max must be at least 1"); return NULL; }
+    if (!m->tab) { PyErr_SetString(PyExc_RuntimeError, "not initialized"); return NULL; }
+    Py_ssize_t start = m->nout;
+    if (m->flush_phase == 0) {
+        if (m->have_now) {
+            m->have_scan = 0;
+            if (advance(m, m->now) < 0) return NULL;
+        }
+        m->flush_phase = 1;
+        m->flush_pos = 0;
+    }
+    while (m->flush_phase) {
+        if (m->nout - start >= max) Py_RETURN_FALSE;
+        if (m->flush_pos >= m->virgin) {
+            m->flush_pos = 0;
+            if (++m->flush_phase == 3) { m->flush_phase = 0; break; }
+            continue;
+        }
+        Flow *f = &m->tab[m->flush_pos];
+        if (f->used && (m->flush_phase == 2 || f->fin))
+            if (expire_slot(m, m->flush_pos, m->flush_phase == 1 ? END_DETECTED : END_FORCED) < 0)
+                return NULL;
+        m->flush_pos++;
+    }
+    Py_RETURN_TRUE;
 }
 
 static PyObject *Meter_take(Meter *m, PyObject *Py_UNUSED(ignored))
@@ -841,6 +880,7 @@ static PyMethodDef Meter_methods[] = {
     {"add", (PyCFunction)Meter_add, METH_VARARGS, "meter one batch"},
     {"advance", (PyCFunction)Meter_advance, METH_O, "packet time moved on (us)"},
     {"flush", (PyCFunction)Meter_flush, METH_NOARGS, "expire every flow"},
+    {"flush_part", (PyCFunction)Meter_flush_part, METH_O, "flush in parts: True when done"},
     {"take", (PyCFunction)Meter_take, METH_NOARGS, "expired records as a bytearray"},
     {"stats", (PyCFunction)Meter_stats, METH_NOARGS,
      "(packets, 0 (octets: the wrapper sums add()'s returns), non_ip, records, forced_expiries, hash_fallbacks)"},

@@ -157,7 +157,13 @@ class FlowOutput:
 
     def end_file(self, end_time: float, final: bool) -> dict:
         if final:
-            self.meter.flush()
+            flush_part = getattr(self.meter, "flush_part", None)
+            if flush_part is None:
+                self.meter.flush()
+            else:
+                # a full table's records are encoded while the table empties, not all at once
+                while not flush_part(_ENCODE_RECORDS):
+                    self._collect(force=True, partial=True)
         self._collect(force=True)
         st = self.meter.stats
         fc = self._file
@@ -208,7 +214,9 @@ class FlowOutput:
                 "renormalize_factor": 1.0 / self.sampling["p"],
                 "ipfix": "options template 260: samplingProbability, selectorAlgorithm 4"}
 
-    def _collect(self, force: bool):
+    def _collect(self, force: bool, partial: bool = False):
+        """Write what waits.  partial: only whole chunks of _ENCODE_RECORDS, the rest waits
+        (so the file is the same however the records arrived)."""
         rec = self.meter.take_records()
         if len(rec):
             self._pending.append(rec)
@@ -240,7 +248,11 @@ class FlowOutput:
                                         export_time)
                     parts, n = [], 0
         if parts:
-            self._write_records(parts[0] if len(parts) == 1 else np.concatenate(parts), export_time)
+            rest = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if partial:
+                self._pending, self._pending_n = [rest], len(rest)
+            else:
+                self._write_records(rest, export_time)
 
     def _write_records(self, rec, export_time):
         sets = ipfix.encode_records(rec, self.biflow)

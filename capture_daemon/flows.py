@@ -653,5 +653,10 @@ class CFlowMeter:
     def flush(self) -> None:
         self._m.flush()
 
+    def flush_part(self, max_records: int) -> bool:
+        """flush() in parts: expires at most about max_records flows (take_records() them
+        between calls); True once the table is empty.  Same records, same order as flush()."""
+        return self._m.flush_part(int(max_records))
+
 
 FlowMeter = CFlowMeter if ACCEL else NumpyFlowMeter
