@@ -26,8 +26,8 @@ _REASONS = {END_IDLE: "idle_timeout", END_ACTIVE: "active_timeout",
             END_RESOURCES: "lack_of_resources"}
 _FLUSH_RECORDS = 2048          # write a file message once this many records wait
 _FLUSH_US = 1_000_000          # ... or once a second of packet time has passed
-FLOW_BATCH_PACKETS = 16384     # packets per batch read for --aggregate flows (memory) ...
-FLOW_CHUNK_BYTES = 2 << 20     # ... and savefile bytes per batch of the direct reader
+FLOW_BATCH_PACKETS = 8192      # packets per batch read for --aggregate flows (memory) ...
+FLOW_CHUNK_BYTES = 1 << 20     # ... and savefile bytes per batch of the direct reader
 _ENCODE_RECORDS = 8192         # records encoded at a time (IPv4 then IPv6 within each)
 
 
