@@ -210,8 +210,7 @@ static int grow(Meter *m, Py_ssize_t need)
     if (nc > INT32_MAX / 4) { PyErr_SetString(PyExc_MemoryError, "flow table too large"); return -1; }
     Flow *t = PyMem_Realloc(m->tab, (size_t)nc * sizeof(Flow));
     if (!t) { PyErr_NoMemory(); return -1; }
-    m->tab = t;
-    m->cap = nc;
+    m->tab = t;                  /* cap grows only once the index fits it too */
     size_t hsz = 1;
     while (hsz < (size_t)nc * 2) hsz <<= 1;
     if (hsz - 1 != m->htmask || !m->ht) {
@@ -224,6 +223,7 @@ static int grow(Meter *m, Py_ssize_t need)
         for (Py_ssize_t s = 0; s < m->virgin; s++)
             if (m->tab[s].used) ht_put(m, s);
     }
+    m->cap = nc;
     return 0;
 }
 

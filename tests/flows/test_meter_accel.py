@@ -314,10 +314,11 @@ def test_hostile_extreme_values_never_crash(seed):
         sel = rng.random(n) < 0.9
         m.add(ts, h, sel)
         buf = rng.integers(0, 256, 64).astype(np.uint8)
-        with pytest.raises(IndexError):
+        if n:                       # network headers outside the buffer: refused, no crash
             h.l3[:] = 10**12
             h.ipver[:1] = 4
-            m.add(ts, h, sel, buf=buf) if n else (_ for _ in ()).throw(IndexError())
+            with pytest.raises(IndexError):
+                m.add(ts, h, sel, buf=buf)
         m.advance(int(rng.integers(-2**63, 2**63 - 1)))
         total += ((sel & ((h.ipver == 4) | (h.ipver == 6)))).sum()
     m.flush()
