@@ -258,7 +258,7 @@ class OfflineSource(PcapSource):
                 raise SourceError(f"{self.description}: invalid packet capture length {bad}, "
                                   f"bigger than maximum of {MAX_CAPLEN}")
             pending = buf[pos:end].copy()
-            if got == 0:
+            if got == 0 and n == 0:  # end of file, and nothing more to walk in what is left
                 if len(pending):
                     raise SourceError(f"{self.description}: truncated dump file; "
                                       f"{len(pending)} bytes of a last record")

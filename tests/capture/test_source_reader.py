@@ -146,3 +146,23 @@ def test_batches_are_writable_without_a_copy():
     batch.make_writable()
     assert batch.buf is buf
     assert np.shares_memory(batch.buf, buf)
+
+
+def test_tiny_records_filling_every_batch_to_capacity(tmp_path, monkeypatch):
+    """Records of a few bytes (a 14-byte snaplen) fill the packet arrays before the bytes run
+    out: what is left after end of file is walked, not mistaken for a truncated record."""
+    if source._accel_read is None:
+        pytest.skip("C accelerator not built (make build)")
+    trace = next(t for t in TRACES if "wikipedia" in t)
+    header, recs = _records(trace)
+    header = header[:16] + struct.pack("<II", 14, 1)
+    recs = [(s, u, p[:14], w) for s, u, p, w in recs] * 20
+    path = tmp_path / "tiny.pcap"
+    _write(path, header, recs)
+    monkeypatch.setattr(source, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(source, "MAX_CAPLEN", 64)
+    src = OfflineSource(str(path))
+    got = [(b.buf[int(b.off[i]):int(b.off[i] + b.caplen[i])].tobytes(), int(b.wirelen[i]))
+           for b in src.batches() for i in range(len(b))]
+    src.close()
+    assert got == [(p, w) for _, _, p, w in recs]
