@@ -149,14 +149,14 @@ def test_batches_are_writable_without_a_copy():
 
 
 def test_tiny_records_filling_every_batch_to_capacity(tmp_path, monkeypatch):
-    """Records of a few bytes (a 14-byte snaplen) fill the packet arrays before the bytes run
-    out: what is left after end of file is walked, not mistaken for a truncated record."""
+    """Records of a few bytes (snaplen 14, or nothing captured) fill the packet arrays before
+    the bytes run out: what is left at end of file is walked, not taken for a truncated record."""
     if source._accel_read is None:
         pytest.skip("C accelerator not built (make build)")
     trace = next(t for t in TRACES if "wikipedia" in t)
     header, recs = _records(trace)
     header = header[:16] + struct.pack("<II", 14, 1)
-    recs = [(s, u, p[:14], w) for s, u, p, w in recs] * 20
+    recs = [(s, u, p[:14 * (i % 2)], w) for i, (s, u, p, w) in enumerate(recs * 20)]
     path = tmp_path / "tiny.pcap"
     _write(path, header, recs)
     monkeypatch.setattr(source, "CHUNK_BYTES", 3000)
