@@ -224,7 +224,7 @@ def tools() -> list:
                                                       "gims-read", ctx.trace, os.path.join(o, "count")],
              verify=_pcapy_verify, cwd=GIMS_REPO, env={"PYTHONPATH": GIMS_REPO},
              unavailable=gims_available(),
-             note="gims's batch source: next_batch + wire lengths from the savefile's record headers"),
+             note="gims's batch source: the savefile read in 2 MiB chunks, records walked in C (_accel_read)"),
         Tool(0, "tcpdump -w /dev/null", lambda ctx, o: ["tcpdump", "-r", ctx.trace, "-w", "/dev/null"],
              requires=["tcpdump"]),
         # 1: pcap -> Crypto-PAn anonymized pcap.
