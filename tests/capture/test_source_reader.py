@@ -166,3 +166,24 @@ def test_tiny_records_filling_every_batch_to_capacity(tmp_path, monkeypatch):
            for b in src.batches() for i in range(len(b))]
     src.close()
     assert got == [(p, w) for _, _, p, w in recs]
+
+
+def test_pcap_records_in_c_equal_the_numpy_reference():
+    if source._accel_read is None:
+        pytest.skip("C accelerator not built (make build)")
+    from capture_daemon.batch import from_packets
+    from capture_daemon.outputs import pcap_records, pcap_records_numpy
+    rng = np.random.default_rng(5)
+    packets = [rng.integers(0, 256, int(k), dtype=np.uint8).tobytes()
+               for k in rng.integers(0, 300, 2000)]
+    batch = from_packets(packets, start=1_700_000_000.5, step=0.000137,
+                         wirelens=[len(p) + int(x) for p, x in zip(packets, rng.integers(0, 9000, 2000))])
+    batch.ts_sec[-1] = 2**32 + 5          # beyond 2106: both keep the low 32 bits
+    assert pcap_records(batch).tobytes() == pcap_records_numpy(batch).tobytes()
+    part = batch.slice(100, 1900)          # offsets not starting at 0
+    assert pcap_records(part).tobytes() == pcap_records_numpy(part).tobytes()
+    bad = batch.slice(0, 10)
+    bad.off = bad.off.copy()
+    bad.off[3] = len(batch.buf) + 1
+    with pytest.raises(ValueError, match="outside the buffer"):
+        pcap_records(bad)
