@@ -60,7 +60,7 @@ typedef struct {
 } Ctx;
 
 /* ---- checksum arithmetic, as capture_daemon/checksum.py ---------------------------------- */
-static inline int64_t fold(int64_t s)
+static inline int64_t fold_slow(int64_t s)
 {
     if (s == 0)
         return 0;
@@ -68,6 +68,23 @@ static inline int64_t fold(int64_t s)
     if (r < 0)
         r += 0xFFFF;
     return 1 + r;
+}
+
+/* The same value without a division: for 0 < s, end-around-carry folding keeps s's residue
+ * modulo 0xFFFF (2**16 = 1 mod 0xFFFF) and ends in [1, 0xFFFF], which is 1 + (s - 1) mod 0xFFFF.
+ * A negative s is first moved up by a multiple of 0xFFFF (0xFFFF << 32). Sums here stay far
+ * inside +-2**46 (a packet is < 2**32 bytes); anything else takes the exact slow path. */
+#define FOLD_LIM ((int64_t)1 << 46)
+static inline int64_t fold(int64_t s)
+{
+    if (s == 0 || s <= -FOLD_LIM || s >= FOLD_LIM)
+        return fold_slow(s);
+    uint64_t u = (uint64_t)(s < 0 ? s + ((int64_t)0xFFFF << 32) : s);
+    u = (u & 0xFFFF) + (u >> 16); /* < 2**32 + 2**16 (u < 2**48 here) */
+    u = (u & 0xFFFF) + (u >> 16); /* <= 0x1FFFF */
+    u = (u & 0xFFFF) + (u >> 16); /* <= 0x10000 */
+    u = (u & 0xFFFF) + (u >> 16); /* in [1, 0xFFFF] */
+    return (int64_t)u;
 }
 
 static inline int64_t finish(int64_t s) { return (~fold(s)) & 0xFFFF; }
