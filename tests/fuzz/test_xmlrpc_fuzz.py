@@ -67,7 +67,10 @@ NAMES = ["local", "s3", "ssh", "everyN", "uniformrandom", "none", "anonymize", "
 
 # values of every XML-RPC type, hostile strings first
 huge = st.sampled_from([1, 5000, 70000]).map(lambda n: "A" * n)
-hostile_text = st.one_of(st.sampled_from(HOSTILE_IDS + FILTERS + DEVICES + STORAGE_DIRS + NAMES + KEYS + [SECRET]),
+# Secrets (KEYS, SECRET) go only where secrets belong (anonkey, s3key, sshkey, ... below): drawn
+# as an experiment id or a site name they are no longer secrets, and gimsd rightly names the id
+# it cannot find ("no experiment '...'"), which the echo check then took for a leak.
+hostile_text = st.one_of(st.sampled_from(HOSTILE_IDS + FILTERS + DEVICES + STORAGE_DIRS + NAMES),
                          st.text(max_size=40), huge)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**31, 2**31 - 1),
                     st.sampled_from([0, -1, 1, 7, 2**31 - 1, -2**31, 4095, 4096, 65535]),
