@@ -38,6 +38,16 @@ typedef struct {
 } Flow;
 
 typedef struct { Flow f; Py_ssize_t slot; int reason; } Seg;
+
+/* A batch's first segment of a flow already in the table continues that flow. */
+static inline void merge_segment(Flow *f, const Flow *seg)
+{
+    if (seg->end > f->end) f->end = seg->end;
+    if (seg->start < f->start) f->start = seg->start;
+    f->packets += seg->packets; f->octets += seg->octets;
+    f->rpackets += seg->rpackets; f->roctets += seg->roctets;
+    f->flags |= seg->flags; f->rflags |= seg->rflags; f->fin |= seg->fin;
+}
 typedef struct { Seg *v; Py_ssize_t n, cap; } SegList;
 
 /* one metered packet: one cache line, so the walks in group order touch one line each */
@@ -655,12 +665,7 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
                     if (!r) r = END_ACTIVE;
                     seg.fin = ((seg.flags | seg.rflags) & (TCP_FIN | TCP_RST)) != 0;
                     if (first_of_prior) {
-                        Flow *f = &m->tab[slot];
-                        if (seg.end > f->end) f->end = seg.end;
-                        if (seg.start < f->start) f->start = seg.start;
-                        f->packets += seg.packets; f->octets += seg.octets;
-                        f->rpackets += seg.rpackets; f->roctets += seg.roctets;
-                        f->flags |= seg.flags; f->rflags |= seg.rflags; f->fin |= seg.fin;
+                        merge_segment(&m->tab[slot], &seg);
                         if (seg_push(segB, NULL, slot, r) < 0) goto done;
                     } else {
                         if (seg_push(segC, &seg, -1, r) < 0) goto done;
@@ -689,12 +694,7 @@ static PyObject *Meter_add(Meter *m, PyObject *args)
 #undef SEG_OPEN
         seg.fin = ((seg.flags | seg.rflags) & (TCP_FIN | TCP_RST)) != 0;
         if (first_of_prior) {
-            Flow *f = &m->tab[slot];
-            if (seg.end > f->end) f->end = seg.end;
-            if (seg.start < f->start) f->start = seg.start;
-            f->packets += seg.packets; f->octets += seg.octets;
-            f->rpackets += seg.rpackets; f->roctets += seg.roctets;
-            f->flags |= seg.flags; f->rflags |= seg.rflags; f->fin |= seg.fin;
+            merge_segment(&m->tab[slot], &seg);
         } else {
             if (seg_push(segD, &seg, -1, 0) < 0) goto done;
         }

@@ -131,6 +131,21 @@ class MeterStats:
     hash_fallbacks: int = 0   # batches regrouped exactly after a 44-bit hash collision
 
 
+def _configure(meter, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
+               scan_interval) -> None:
+    """The settings both meters take, checked and stored alike (times in microseconds)."""
+    if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
+        raise ValueError("flow timeouts must be positive")
+    if max_flows < 1:
+        raise ValueError("max_flows must be at least 1")
+    meter.idle_us = int(round(idle_timeout * 1e6))
+    meter.active_us = int(round(active_timeout * 1e6))
+    meter.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
+    meter.max_flows = int(max_flows)
+    meter.biflow = bool(biflow)
+    meter.scan_us = int(round(scan_interval * 1e6))
+
+
 class NumpyFlowMeter:
     """The numpy reference meter (what CFlowMeter must match record for record)."""
     accelerated = False
@@ -138,16 +153,8 @@ class NumpyFlowMeter:
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
                  tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
                  biflow: bool = False, scan_interval: float = 1.0):
-        if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
-            raise ValueError("flow timeouts must be positive")
-        if max_flows < 1:
-            raise ValueError("max_flows must be at least 1")
-        self.idle_us = int(round(idle_timeout * 1e6))
-        self.active_us = int(round(active_timeout * 1e6))
-        self.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
-        self.max_flows = int(max_flows)
-        self.biflow = bool(biflow)
-        self.scan_us = int(round(scan_interval * 1e6))
+        _configure(self, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
+                   scan_interval)
         self.stats = MeterStats()
         self._table = _Columns(1024)
         self._used = np.zeros(1024, dtype=bool)
@@ -592,16 +599,8 @@ class CFlowMeter:
     def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
                  tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
                  biflow: bool = False, scan_interval: float = 1.0):
-        if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
-            raise ValueError("flow timeouts must be positive")
-        if max_flows < 1:
-            raise ValueError("max_flows must be at least 1")
-        self.idle_us = int(round(idle_timeout * 1e6))
-        self.active_us = int(round(active_timeout * 1e6))
-        self.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
-        self.max_flows = int(max_flows)
-        self.biflow = bool(biflow)
-        self.scan_us = int(round(scan_interval * 1e6))
+        _configure(self, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
+                   scan_interval)
         self._m = _accel_flows.Meter(self.idle_us, self.active_us, self.end_us, self.scan_us,
                                      self.max_flows, self.biflow,
                                      [int(x) for x in _HASH_C])

@@ -201,12 +201,15 @@ def test_sigterm_mid_run_flushes_every_flow(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "capture_daemon.cli", "--read", big,
                           "--output-dir", str(out), "--aggregate", "flows"],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait until it is reading packets, then stop it
+    # Wait until it metered a first batch (its first data file is open: .<name>.tmp), then stop
+    # it. gims meters ~6 M packets/s, so a fixed pause could outlast the whole trace: freeze
+    # it, queue SIGTERM, thaw it, and it stops after the batch in hand.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out / ".gims-status.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
+    while time.monotonic() < deadline and not list(out.glob(".*.ipfix.tmp")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGSTOP)
     p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err.decode()[-2000:]
     files = sorted(glob.glob(str(out / "*.ipfix")))
