@@ -14,6 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def back_to_back_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Where items of these lengths start when laid back to back from 0 (int64)."""
+    off = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], out=off[1:])
+    return off
+
+
+def gather_packed(buf: np.ndarray, off: np.ndarray, caplen: np.ndarray,
+                  new_off: np.ndarray) -> np.ndarray:
+    """The packets at off/caplen in buf, copied back to back (new_off: their new offsets,
+    back_to_back_offsets(caplen)); one fancy index, cost ~ the bytes copied."""
+    return buf[np.repeat(off - new_off, caplen) + np.arange(int(caplen.sum()))]
+
+
 @dataclass
 class Batch:
     buf: np.ndarray      # uint8, the packets concatenated
@@ -57,13 +72,10 @@ class Batch:
             return self
         if not np.all(np.diff(idx) > 0):
             raise ValueError("take() needs increasing indices")
-        off = np.zeros(len(idx), dtype=np.int64)  # the new, packed layout
-        if len(idx) > 1:
-            np.cumsum(caplen[:-1], out=off[1:])
+        off = back_to_back_offsets(caplen)  # the new, packed layout
         if len(idx) * 8 < len(self):
             # Few packets (sampling): gather their bytes directly, cost ~ bytes kept.
-            index = np.repeat(self.off[idx] - off, caplen) + np.arange(int(caplen.sum()))
-            buf = self.buf[index]
+            buf = gather_packed(self.buf, self.off[idx], caplen, off)
         else:
             keep = np.zeros(len(self), dtype=bool)
             keep[idx] = True
@@ -86,9 +98,7 @@ def from_packets(packets, linktype: int = 1, start: float = 0.0, step: float = 0
                  wirelens=None) -> Batch:
     """Build a batch from a list of bytes (tests, fuzzing, synthetic traffic)."""
     caplen = np.array([len(p) for p in packets], dtype=np.int64)
-    off = np.zeros(len(packets), dtype=np.int64)
-    if len(packets) > 1:
-        np.cumsum(caplen[:-1], out=off[1:])
+    off = back_to_back_offsets(caplen)
     buf = np.frombuffer(b"".join(packets), dtype=np.uint8).copy()
     t = start + step * np.arange(len(packets))
     sec = np.floor(t).astype(np.int64)

@@ -120,10 +120,11 @@ def main(argv=None) -> int:
              source.description, settings.output_dir, settings.aggregate, settings.effective_filter,
              settings.sample, "on" if anonymizer else "off")
     from .accel import missing
-    if missing():
+    not_built = missing()
+    if not_built:
         log.warning("C accelerators not built (%s): running the numpy fallbacks, several times "
                     "slower (build them with `make build`, or install the gims package)",
-                    ", ".join(missing()))
+                    ", ".join(not_built))
     try:
         totals = pipeline.run()
     except Exception as exc:  # report, don't dump a traceback into the journal as the only clue

@@ -12,7 +12,6 @@ are counted in `non_ip_packets`.
 """
 from __future__ import annotations
 
-import copy
 from typing import BinaryIO
 
 import numpy as np
@@ -46,34 +45,6 @@ def _check_sampling(sampling):
             raise ValueError("uniform sampling needs 0 < p <= 1")
         return {"type": "uniform", "p": p}
     raise ValueError(f"unknown sampling type {kind!r}")
-
-
-def _with_packet_addresses(batch, h):
-    """headers whose addresses are read back from the packet bytes.
-
-    The anonymizer rewrites the addresses in the batch buffer (what the pcap output writes)
-    but not the parsed header arrays; reading them back makes flow records carry exactly the
-    addresses an anonymized pcap of the same packets would show.  One gather per batch."""
-    buf = getattr(batch, "buf", None)
-    if buf is None:                      # header-only batches (tests): nothing to read back
-        return h
-    out = copy.copy(h)
-    i4 = np.flatnonzero(h.ipver == 4)
-    if len(i4):
-        b = buf[h.l3[i4][:, None] + (12 + np.arange(8))].astype(np.uint32)
-        w = (b[:, 0::4] << 24) | (b[:, 1::4] << 16) | (b[:, 2::4] << 8) | b[:, 3::4]
-        out.src4 = h.src4.copy()
-        out.dst4 = h.dst4.copy()
-        out.src4[i4] = w[:, 0]
-        out.dst4[i4] = w[:, 1]
-    i6 = np.flatnonzero(h.ipver == 6)
-    if len(i6):
-        b = buf[h.l3[i6][:, None] + (8 + np.arange(32))]
-        out.src6 = h.src6.copy()
-        out.dst6 = h.dst6.copy()
-        out.src6[i6] = b[:, :16]
-        out.dst6[i6] = b[:, 16:]
-    return out
 
 
 class FlowOutput:
@@ -133,13 +104,8 @@ class FlowOutput:
                                                                                  dtype=np.int64)
         if len(ts) == 0:
             return
-        if not self.read_back:
-            self.meter.add(ts, headers, keep)
-        elif self.meter.accelerated:
-            # the C meter reads the addresses back from the packet bytes itself (no copies)
-            self.meter.add(ts, headers, keep, buf=getattr(batch, "buf", None))
-        else:
-            self.meter.add(ts, _with_packet_addresses(batch, headers), keep)
+        self.meter.add(ts, headers, keep,
+                       buf=getattr(batch, "buf", None) if self.read_back else None)
         latest = int(ts.max())
         if self._now_us is None or latest > self._now_us:
             self._now_us = latest

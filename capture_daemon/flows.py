@@ -43,6 +43,7 @@ Expiry (RFC 5102 flowEndReason):
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 
@@ -146,6 +147,34 @@ def _configure(meter, idle_timeout, active_timeout, tcp_end_timeout, max_flows, 
     meter.scan_us = int(round(scan_interval * 1e6))
 
 
+def with_packet_addresses(buf, h):
+    """headers whose addresses are read back from the packet bytes.
+
+    buf: the batch buffer (h.l3 are offsets into it). The anonymizer rewrites the addresses
+    in the batch buffer (what the pcap output writes)
+    but not the parsed header arrays; reading them back makes flow records carry exactly the
+    addresses an anonymized pcap of the same packets would show.  One gather per batch."""
+    if buf is None:                      # header-only batches (tests): nothing to read back
+        return h
+    out = copy.copy(h)
+    i4 = np.flatnonzero(h.ipver == 4)
+    if len(i4):
+        b = buf[h.l3[i4][:, None] + (12 + np.arange(8))].astype(np.uint32)
+        w = (b[:, 0::4] << 24) | (b[:, 1::4] << 16) | (b[:, 2::4] << 8) | b[:, 3::4]
+        out.src4 = h.src4.copy()
+        out.dst4 = h.dst4.copy()
+        out.src4[i4] = w[:, 0]
+        out.dst4[i4] = w[:, 1]
+    i6 = np.flatnonzero(h.ipver == 6)
+    if len(i6):
+        b = buf[h.l3[i6][:, None] + (8 + np.arange(32))]
+        out.src6 = h.src6.copy()
+        out.dst6 = h.dst6.copy()
+        out.src6[i6] = b[:, :16]
+        out.dst6[i6] = b[:, 16:]
+    return out
+
+
 class NumpyFlowMeter:
     """The numpy reference meter (what CFlowMeter must match record for record)."""
     accelerated = False
@@ -181,11 +210,8 @@ class NumpyFlowMeter:
     def add(self, ts_us: np.ndarray, h, sel: np.ndarray, buf=None) -> None:
         """Meter the packets where sel is True. h: parse.Headers-like arrays, ts_us int64.
         buf: the batch buffer; given, addresses are read back from the packet bytes at h.l3
-        (see flow_output._with_packet_addresses)."""
-        if buf is not None:
-            from types import SimpleNamespace
-            from capture_daemon.flow_output import _with_packet_addresses
-            h = _with_packet_addresses(SimpleNamespace(buf=buf), h)
+        (with_packet_addresses)."""
+        h = with_packet_addresses(buf, h)
         sel = np.asarray(sel, dtype=bool)
         ver = h.ipver
         ip = sel & ((ver == 4) | (ver == 6))

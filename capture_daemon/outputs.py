@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from .batch import Batch
+from .batch import Batch, back_to_back_offsets
 from .parse import DLT_RAW_BSD, DLT_RAW_OBSD, LINKTYPE_RAW
 
 try:
@@ -51,9 +51,7 @@ def pcap_records_numpy(batch: Batch) -> np.ndarray:
     n = len(batch)
     sizes = batch.caplen + PCAP_RECORD_HEADER_BYTES
     total = int(sizes.sum())
-    starts = np.zeros(n, dtype=np.int64)
-    if n > 1:
-        np.cumsum(sizes[:-1], out=starts[1:])
+    starts = back_to_back_offsets(sizes)
     headers = np.empty((n, 4), dtype="<u4")
     headers[:, 0] = batch.ts_sec
     headers[:, 1] = batch.ts_usec
@@ -155,9 +153,8 @@ class CountsOutput:
         slots = self._slots(times)
         if not len(slots):
             return
-        change = slots[1:] != slots[:-1]
         if np.all(slots[1:] >= slots[:-1]):  # time-ordered (the usual case): runs, no sort
-            starts = np.concatenate(([0], np.flatnonzero(change) + 1))
+            starts = np.concatenate(([0], np.flatnonzero(slots[1:] != slots[:-1]) + 1))
             uniq = slots[starts]
             packets = np.diff(np.append(starts, len(slots)))
             nbytes = np.add.reduceat(np.asarray(wirelen, dtype=np.int64), starts)

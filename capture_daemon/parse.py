@@ -291,8 +291,5 @@ def parse_c(batch: Batch) -> Headers | None:
 
 def parse(batch: Batch) -> Headers:
     """Headers of every packet of the batch: the C accelerator when built, else parse_numpy."""
-    if _accel_parse is not None:
-        h = parse_c(batch)
-        if h is not None:
-            return h
-    return parse_numpy(batch)
+    h = parse_c(batch)
+    return h if h is not None else parse_numpy(batch)

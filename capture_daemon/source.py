@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .batch import Batch
+from .batch import Batch, back_to_back_offsets, gather_packed
 from . import parse
 
 try:
@@ -222,8 +222,7 @@ class OfflineSource(PcapSource):
         # Exact wire lengths straight from the file when records are read back to back.
         if header and not filter_expr and os.path.getsize(path) > 24:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._endian = header[0]
-            magic = _read_magic(path)
+            self._endian, magic = header[0], header[3]
             # Records we can pass through unchanged: little-endian, microsecond timestamps.
             self._native_records = magic == 0xA1B2C3D4
             self._nanoseconds = PCAP_MAGICS[magic][1] == 1
@@ -245,7 +244,8 @@ class OfflineSource(PcapSource):
             got = os.preadv(self._fd, [memoryview(buf)[len(pending):]], self._file_pos)
             self._file_pos += got
             end = len(pending) + got
-            # a record is at least 16 bytes + headers
+            # room for the packets a chunk usually holds; a fuller chunk (records under 32
+            # bytes) is walked on in the next round
             cap = max(min(BATCH_PACKETS, chunk // 32), end // 32)
             out = np.empty((5, cap), dtype=np.int64)
             n, pos, bad = _accel_read.scan(buf, 0, end, swap, self._nanoseconds, MAX_CAPLEN, *out)
@@ -270,10 +270,7 @@ class OfflineSource(PcapSource):
         """The batch's records read from the file (pread: memory stays bounded by a batch)."""
         if self._fd is None:
             return None
-        n = len(caplen)
-        rel = np.zeros(n, dtype=np.int64)  # record header offsets, relative to the first
-        if n > 1:
-            np.cumsum(caplen[:-1] + 16, out=rel[1:])
+        rel = back_to_back_offsets(caplen + 16)  # record header offsets, relative to the first
         length = int(rel[-1] + 16 + caplen[-1])
         data = os.pread(self._fd, length, self._file_pos)
         if len(data) < length:
@@ -301,20 +298,13 @@ class OfflineSource(PcapSource):
 
 def _packed(buf, off, caplen, wirelen, sec, usec, linktype) -> Batch:
     """A packed batch (packets back to back, see batch.py) of packets lying anywhere in buf."""
-    new_off = np.zeros(len(off), dtype=np.int64)
-    if len(off) > 1:
-        np.cumsum(caplen[:-1], out=new_off[1:])
-    data = buf[np.repeat(off - new_off, caplen) + np.arange(int(caplen.sum()))]
-    return Batch(data, new_off, caplen.copy(), wirelen.copy(), sec.copy(), usec.copy(), linktype)
-
-
-def _read_magic(path: str) -> int:
-    with open(path, "rb") as fh:
-        return struct.unpack("<I", fh.read(4).ljust(4, b"\0"))[0]
+    new_off = back_to_back_offsets(caplen)
+    return Batch(gather_packed(buf, off, caplen, new_off), new_off, caplen.copy(), wirelen.copy(),
+                 sec.copy(), usec.copy(), linktype)
 
 
 def _read_pcap_header(path: str):
-    """(endian, linktype, snaplen) of a classic pcap file, None for pcapng or others."""
+    """(endian, linktype, snaplen, magic) of a classic pcap file, None for pcapng or others."""
     with open(path, "rb") as fh:
         head = fh.read(24)
     if len(head) < 24:
@@ -324,7 +314,7 @@ def _read_pcap_header(path: str):
         return None
     endian, _ = PCAP_MAGICS[magic]
     snaplen, linktype = struct.unpack(endian + "II", head[16:24])
-    return endian, linktype & 0x0FFFFFFF, snaplen
+    return endian, linktype & 0x0FFFFFFF, snaplen, magic
 
 
 def _need_pcapy() -> None:

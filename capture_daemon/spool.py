@@ -76,13 +76,10 @@ class HashingFile:
         self._raise_pending()
         n = data.nbytes if hasattr(data, "nbytes") else len(data)
         self.size += n
-        if n >= self.HANDOVER_BYTES and not self._held:
-            self._queue.put(data)
-        else:
-            self._held.append(data)
-            self._held_bytes += n
-            if self._held_bytes >= self.HANDOVER_BYTES:
-                self._hand_over()
+        self._held.append(data)
+        self._held_bytes += n
+        if self._held_bytes >= self.HANDOVER_BYTES:
+            self._hand_over()  # a lone large write goes as it is, without a join
         return n
 
     def _hand_over(self) -> None:

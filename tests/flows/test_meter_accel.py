@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from capture_daemon import flows, parse
-from capture_daemon.flow_output import _with_packet_addresses
 from capture_daemon.source import OfflineSource
 from tests.flows.helpers import TRACES
 from tests.flows.synth import headers, random_headers
@@ -109,7 +108,7 @@ def test_traces_identical(trace):
             # flow_output's way for the reference (read-back headers); buf for both, too
             assert p.add(ts, h, np.ones(len(b), bool), buf=b.buf)
             sel = rng.random(len(b)) < 0.5                      # sampling
-            p.ref.add(ts, _with_packet_addresses(b, h), sel)
+            p.ref.add(ts, flows.with_packet_addresses(b.buf, h), sel)
             p.acc.add(ts, h, sel, buf=b.buf)
             p.check()
             p.advance(int(ts.max()))
