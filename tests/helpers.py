@@ -103,9 +103,10 @@ def veth_pair(prefix: str, net4: str, net6: str | None = None):
         sh("ip", "netns", "del", ns, check=False)
 
 
-def wait_for(pred, timeout: float = 30.0, step: float = 0.5):
-    """Poll pred until it returns something true (returned) or the timeout passes (its last
-    value is returned, so an assert shows what it was)."""
+def wait_for(pred, timeout: float = 30.0, step: float = 0.5, what: str | None = None):
+    """Poll pred until it returns something true (returned) or the timeout passes: then its
+    last value is returned, so an assert shows what it was; or, with `what`, an AssertionError
+    says what was waited for."""
     import time
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -113,4 +114,7 @@ def wait_for(pred, timeout: float = 30.0, step: float = 0.5):
         if value:
             return value
         time.sleep(step)
-    return pred()
+    value = pred()
+    if not value and what is not None:
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+    return value

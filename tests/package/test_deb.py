@@ -16,10 +16,11 @@ import struct
 import subprocess
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from tests import helpers
 
 import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,15 +121,8 @@ def xmlrpc(node: Container, method: str, *args):
     return answer["ok"]
 
 
-def wait_for(what: str, probe, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def wait_for(what: str, probe, timeout: float):
+    return helpers.wait_for(probe, timeout, what=what)
 
 
 def unit_prop(node: Container, unit: str, prop: str) -> str:

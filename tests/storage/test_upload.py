@@ -2,6 +2,7 @@
 faults the issue names: server gone mid-drain, wrong credentials, SIGKILL mid-transfer, full disk."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gimsd.upload import log_tail, read_status
+from tests import helpers
 
 from .conftest import (FAST_RETRIES, add_spool_file, run_upload, start_upload,
                        trace_payloads)
@@ -63,14 +65,8 @@ def assert_no_secrets(spool: Path, secrets: list[str], *texts: str) -> None:
                 assert part not in b, "a secret leaked"
 
 
-def wait_for(pred, timeout=60.0, step=0.05, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
+# tests.helpers.wait_for, raising on timeout, with this module's patience
+wait_for = functools.partial(helpers.wait_for, timeout=60.0, step=0.05, what="condition")
 
 
 # -- happy paths --------------------------------------------------------------------------
