@@ -827,7 +827,68 @@ done:
     return res;
 }
 
+/* lookup(family, keys, k, v, f, bits, out, miss): cryptopan.py's direct-mapped cache, looked up
+ * for a whole array of addresses in one call (the numpy version costs ~10 array passes per
+ * call, ~0.4 ms per batch). Slots are computed exactly as CryptoPAn._slot4 / _slot6 do
+ * (Fibonacci hashing of the value, IPv6 as two native 64-bit lanes), so both share the tables.
+ * out[i] gets the cached image where slot i holds keys[i]; the indices of the other keys go
+ * to miss[], in order. Returns the number of misses. */
+static PyObject *lookup(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int family, bits;
+    Py_buffer keys = {0}, k = {0}, v = {0}, f = {0}, out = {0}, miss = {0};
+    PyObject *res = NULL;
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*iw*w*:lookup", &family, &keys, &k, &v, &f, &bits, &out, &miss))
+        return NULL;
+    const Py_ssize_t w = family == 6 ? 16 : 4; /* bytes per address */
+    const Py_ssize_t n = keys.len / w, slots = (Py_ssize_t)1 << (bits > 0 && bits < 40 ? bits : 0);
+    if ((family != 4 && family != 6) || bits <= 0 || bits >= 40 || keys.len % w || f.len < slots ||
+        k.len < slots * (family == 6 ? 16 : 4) || v.len < slots * w || out.len < n * w ||
+        miss.len < n * (Py_ssize_t)sizeof(Py_ssize_t) || ((uintptr_t)miss.buf % sizeof(Py_ssize_t)) ||
+        (family == 4 && (((uintptr_t)keys.buf | (uintptr_t)k.buf | (uintptr_t)v.buf | (uintptr_t)out.buf) % 4))) {
+        PyErr_SetString(PyExc_ValueError, "_accel_anon.lookup: arrays too short, misaligned or bad family");
+        goto done;
+    }
+    const uint8_t *filled = f.buf;
+    Py_ssize_t *missed = miss.buf, nmiss = 0;
+    const int shift = 64 - bits;
+    if (family == 4) {
+        const uint32_t *a = keys.buf, *kt = k.buf, *vt = v.buf;
+        uint32_t *o = out.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t slot = hash4(a[i]) >> shift;
+            if (filled[slot] && kt[slot] == a[i])
+                o[i] = vt[slot];
+            else
+                missed[nmiss++] = i;
+        }
+    } else {
+        const uint8_t *a = keys.buf, *kt = k.buf, *vt = v.buf;
+        uint8_t *o = out.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t slot = hash6(a + 16 * i) >> shift;
+            if (filled[slot] && memcmp(kt + 16 * slot, a + 16 * i, 16) == 0)
+                memcpy(o + 16 * i, vt + 16 * slot, 16);
+            else
+                missed[nmiss++] = i;
+        }
+    }
+    res = PyLong_FromSsize_t(nmiss);
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&f);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&miss);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"lookup", lookup, METH_VARARGS,
+     "lookup(family, keys, k, v, f, bits, out, miss) -> misses: CryptoPAn's direct-mapped cache looked up for "
+     "every key; hits written to out, the indices of the others to miss."},
     {"run", run, METH_VARARGS,
      "run(mode, buf, off, caplen, sel, l3, ipver, ethertype, proto, l4, iplen, src4, dst4, src6, dst6, a4, i4, "
      "a6, i6, recompute): mode 0 collects the distinct addresses to anonymize into a4/a6 (site k -> entry i4[k] / "

@@ -10,6 +10,7 @@ can write it as is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -43,9 +44,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.off)
 
-    @property
+    @cached_property
     def times(self) -> np.ndarray:
-        """Packet times as float seconds (enough precision for rotation and counts)."""
+        """Packet times as float seconds (enough precision for rotation and counts).
+
+        Computed once per batch (the pipeline reads them several times per batch: ~7 % of an
+        anonymized copy's CPU when recomputed each time); a slice shares its parent's.
+        """
         return self.ts_sec + self.ts_usec * 1e-6
 
     def make_writable(self) -> None:
@@ -60,9 +65,12 @@ class Batch:
         head = 16 if self.records else 0
         lo = int(self.off[start]) - head
         hi = int(self.off[stop - 1] + self.caplen[stop - 1])
-        return Batch(self.buf[lo:hi], self.off[start:stop] - lo, self.caplen[start:stop],
+        part = Batch(self.buf[lo:hi], self.off[start:stop] - lo, self.caplen[start:stop],
                      self.wirelen[start:stop], self.ts_sec[start:stop], self.ts_usec[start:stop],
                      self.linktype, records=self.records)
+        if "times" in self.__dict__:  # already computed for the whole batch
+            part.times = self.times[start:stop]
+        return part
 
     def take(self, idx: np.ndarray) -> "Batch":
         """A new packed batch holding the packets at idx (in that order)."""

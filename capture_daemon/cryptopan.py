@@ -30,6 +30,11 @@ import os
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+try:  # the cache lookup in C (capture_daemon/_accel_anon.c lookup), same tables and slots
+    from ._accel_anon import lookup as _c_lookup
+except ImportError:  # pragma: no cover - not built: numpy does the lookup
+    _c_lookup = None
+
 KEY_BYTES = 32
 FINGERPRINT_PREFIX = b"gims-key-fingerprint"
 
@@ -212,10 +217,8 @@ class CryptoPAn:
         flat = np.ascontiguousarray(a).reshape(-1)
         if flat.size == 0:
             return flat.reshape(a.shape)
-        slot = self._slot4(flat)
-        out = self._v4[slot]
-        miss = ~(self._f4[slot] & (self._k4[slot] == flat))
-        if miss.any():
+        out, miss = self._lookup4(flat)
+        if len(miss):
             new, inv = np.unique(flat[miss], return_inverse=True)
             res = self._compute_v4(new)
             out[miss] = res[inv]
@@ -230,12 +233,8 @@ class CryptoPAn:
             raise ValueError(f"IPv6 addresses must be an (n, 16) uint8 array, got {a.shape}")
         if len(a) == 0:
             return a.copy()
-        lanes = a.view(np.uint64)  # (n, 2), any fixed byte order will do for keys
-        slot = self._slot6(lanes)
-        out = self._v6[slot]
-        k = self._k6[slot]
-        miss = ~(self._f6[slot] & (k[:, 0] == lanes[:, 0]) & (k[:, 1] == lanes[:, 1]))
-        if miss.any():
+        out, miss = self._lookup6(a)
+        if len(miss):
             new, inv = np.unique(a[miss].view("V16").reshape(-1), return_inverse=True)
             new = new.view(np.uint8).reshape(-1, 16)
             res = self._compute_v6(new)
@@ -244,6 +243,27 @@ class CryptoPAn:
             ns = self._slot6(new_lanes)
             self._k6[ns], self._v6[ns], self._f6[ns] = new_lanes, res, True
         return out
+
+    # Cache lookups: (images where cached, indices of the keys that were not).
+    def _lookup4(self, flat: np.ndarray):
+        if _c_lookup is not None:
+            out, miss = np.empty(len(flat), np.uint32), np.empty(len(flat), np.intp)
+            nmiss = _c_lookup(4, flat, self._k4, self._v4, self._f4.view(np.uint8), self._bits4, out, miss)
+            return out, miss[:nmiss]
+        slot = self._slot4(flat)
+        hit = self._f4[slot] & (self._k4[slot] == flat)
+        return self._v4[slot], np.flatnonzero(~hit)
+
+    def _lookup6(self, a: np.ndarray):
+        if _c_lookup is not None:
+            out, miss = np.empty((len(a), 16), np.uint8), np.empty(len(a), np.intp)
+            nmiss = _c_lookup(6, a, self._k6, self._v6, self._f6.view(np.uint8), self._bits6, out, miss)
+            return out, miss[:nmiss]
+        lanes = a.view(np.uint64)  # (n, 2), any fixed byte order will do for keys
+        slot = self._slot6(lanes)
+        k = self._k6[slot]
+        hit = self._f6[slot] & (k[:, 0] == lanes[:, 0]) & (k[:, 1] == lanes[:, 1])
+        return self._v6[slot], np.flatnonzero(~hit)
 
     def anonymize_str(self, text: str) -> str:
         """One IPv4 or IPv6 address in text form → anonymized, in canonical text form."""

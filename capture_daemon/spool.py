@@ -8,6 +8,7 @@ complete iff its metadata record exists (docs/ARCHITECTURE.md, "The spool").
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -21,6 +22,7 @@ from .atomic import fsync_dir, write_json_atomic
 
 WRITE_BUFFER_BYTES = 1 << 20
 WRITE_PIECE_BYTES = 1 << 20   # largest single write() (see HashingFile._drain)
+WRITEBACK_BYTES = 8 << 20     # start the disk write-out every this many bytes (see _start_writeback)
 
 
 class HashingFile:
@@ -46,6 +48,7 @@ class HashingFile:
         self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_DEPTH)
         self._held: list = []      # small writes not handed to the thread yet
         self._held_bytes = 0
+        self._unsynced = 0         # bytes written since the last start_writeback
         self._thread = threading.Thread(target=self._drain, name="gims-writer", daemon=True)
         self._thread.start()
 
@@ -65,6 +68,10 @@ class HashingFile:
                     piece = view[start:start + WRITE_PIECE_BYTES]
                     self.sha256.update(piece)
                     self._f.write(piece)
+                self._unsynced += len(view)
+                if self._unsynced >= WRITEBACK_BYTES:
+                    self._unsynced = 0
+                    start_writeback(self._f.fileno())
             except OSError as exc:
                 self._error = exc
 
@@ -108,6 +115,34 @@ class HashingFile:
             self._f.close()
         except OSError:
             pass
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux; not in the os module), or None where it is missing."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    f.restype = ctypes.c_int
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk now, without waiting for it.
+
+    Why: a capture file is fsynced before it is published. Left to the kernel, its pages
+    stay dirty until that fsync, which then waits for the whole file to reach the disk (0.25 s
+    for a 600 MB file here, with the capture stopped meanwhile); started as the file grows,
+    the write-out overlaps the capture and the fsync finds little left to do. Best effort: an
+    error here shows up again, for certain, in the fsync.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def utc_iso(t: float | None) -> str | None:

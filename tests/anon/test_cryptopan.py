@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from capture_daemon import cryptopan
 from capture_daemon.cryptopan import CryptoPAn, fingerprint, load_key, parse_key
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -232,3 +233,29 @@ def test_bench_smoke():
     lines = out.splitlines()
     assert any(ln.startswith("v4 ") for ln in lines) and any(ln.startswith("v6 ") for ln in lines)
     assert sum("snaplen 128" in ln for ln in lines) == 2
+
+
+@pytest.mark.skipif(cryptopan._c_lookup is None, reason="capture_daemon._accel_anon not built "
+                    "(tests/capture/test_accel.py fails CI for that)")
+def test_c_cache_lookup_matches_the_numpy_lookup(monkeypatch):
+    """The C lookup (_accel_anon.lookup) reads the same slots as the numpy one: same hits, same
+    images, same misses, on a cache with collisions and evictions (a small table)."""
+    rng = np.random.default_rng(21)
+    v4 = rng.integers(0, 2**32, 5000, dtype=np.uint32)
+    v6 = _random_v6(1500, 9)
+    cp = CryptoPAn(KEY, max_cache_v4=1024, max_cache_v6=256)
+    cp.anonymize_v4(v4[:3000])
+    cp.anonymize_v6(v6[:900])  # cache partly filled, with collisions evicted
+    c4, c6 = cp._lookup4(v4), cp._lookup6(v6)
+    c_lookup = cryptopan._c_lookup
+    monkeypatch.setattr(cryptopan, "_c_lookup", None)
+    n4, n6 = cp._lookup4(v4), cp._lookup6(v6)
+    for (c_out, c_miss), (n_out, n_miss) in ((c4, n4), (c6, n6)):
+        assert 0 < len(c_miss) < len(c_out)
+        assert np.array_equal(c_miss, n_miss)
+        hit = np.ones(len(c_out), bool)
+        hit[c_miss] = False
+        assert np.array_equal(c_out[hit], n_out[hit])
+    with pytest.raises(ValueError):
+        c_lookup(5, v4, cp._k4, cp._v4, cp._f4.view(np.uint8), cp._bits4,
+                                     np.empty(len(v4), np.uint32), np.empty(len(v4), np.intp))
