@@ -42,10 +42,11 @@ address, not the header's destination; such checksums follow the header's destin
 Two implementations, same bytes and counters: the numpy code below (the reference, vectorized
 over the batch) and the C accelerator capture_daemon/_accel_anon.c (per packet, in the same
 order), used when it is built (``Anonymizer(..., accelerated=None)``; ``ACCELERATED`` says
-whether it is). The C code finds every address the numpy code would rewrite and collects the
-distinct ones; Crypto-PAn (cryptopan.py) runs once per family per batch on those; a second C
-pass writes the images and fixes the checksums. tests/anon/test_anonymize_accel.py compares
-both on every trace, snaplen and link type, on mutated packets and on every truncation.
+whether it is). The C code walks the batch once: for every address the numpy code would
+rewrite it takes the image from CryptoPAn's cache (the same tables), computes it in C (OpenSSL's
+AES) on a miss, writes it and fixes the checksums. tests/anon/test_anonymize_accel.py compares
+both on every trace, snaplen and link type, on mutated packets and on every truncation, the C
+side with a cache of its own; tests/anon/test_cryptopan.py compares the two Crypto-PAns.
 """
 from __future__ import annotations
 
@@ -124,8 +125,6 @@ class Anonymizer:
         elif accelerated and _accel_anon is None:
             raise ImportError("capture_daemon._accel_anon is not built (python setup.py build_ext --inplace)")
         self.accelerated = bool(accelerated)
-        self._scratch4 = self._scratch_i4 = self._scratch_i6 = np.empty(0, dtype=np.uint32)
-        self._scratch6 = np.empty((0, 16), dtype=np.uint8)
         self.packets_anonymized = 0
         self.not_anonymized = 0
         self.checksums_corrected = 0
@@ -181,37 +180,20 @@ class Anonymizer:
 
     # --- the C accelerator: same bytes and counters, packet by packet -----------------------
     def _apply_c(self, batch, h, sel) -> None:
-        """Two C passes over the selected packets (capture_daemon/_accel_anon.c): the first
-        finds every address the numpy code would anonymize, in a fixed order, and collects the
-        distinct ones; Crypto-PAn runs once per family on those; the second pass writes the
-        images and fixes checksums exactly as the numpy code does."""
+        """One C pass over the selected packets (capture_daemon/_accel_anon.c rewrite): it
+        finds every address the numpy code would anonymize, in the same order, takes its image
+        from the Crypto-PAn cache (computing and caching it on a miss), writes it and fixes
+        checksums exactly as the numpy code does."""
         c = np.ascontiguousarray
         i64 = np.int64
-        args = [batch.buf, c(batch.off, i64), c(batch.caplen, i64), c(sel).view(np.uint8),
-                c(h.l3, i64), c(h.ipver, np.uint8), c(h.ethertype, np.uint16), c(h.proto, np.uint8),
-                c(h.l4, i64), c(h.iplen, i64), c(h.src4, np.uint32), c(h.dst4, np.uint32),
-                c(h.src6, np.uint8), c(h.dst6, np.uint8)]
         if len(h.src6) != len(sel) or len(h.l3) != len(sel) or len(batch.off) != len(sel):
             raise ValueError("batch, headers and sel differ in length")
-        rec = self.recompute_whole
-        s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
-        n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
-        if overflow:
-            # Scratch grows to what a batch needed (x 1.5) and is kept: its pages stay mapped.
-            m4, m6 = n4 + n4 // 2 + 64, n6 + n6 // 2 + 64
-            self._scratch4, self._scratch_i4 = np.empty(m4, np.uint32), np.empty(m4, np.uint32)
-            self._scratch6, self._scratch_i6 = np.empty((m6, 16), np.uint8), np.empty(m6, np.uint32)
-            s4, i4, s6, i6 = self._scratch4, self._scratch_i4, self._scratch6, self._scratch_i6
-            n4, u4, n6, u6, overflow = _accel_anon.run(0, *args, s4, i4, s6, i6, rec)
-            if overflow:
-                raise RuntimeError("_accel_anon: address scratch still too small")
-        # One vectorized Crypto-PAn call per family, on the batch's distinct addresses.
-        new4 = np.array(self.cp.anonymize_v4(s4[:u4]), dtype=np.uint32, copy=True)
-        new6 = np.array(self.cp.anonymize_v6(s6[:u6]), dtype=np.uint8, copy=True)
-        m4, m6, touched, not_anon, corrected, offload, truncated = _accel_anon.run(
-            1, *args, new4, i4[:n4], new6, i6[:n6], rec)
-        if (m4, m6) != (n4, n6):  # both passes walk the same packets the same way
-            raise RuntimeError(f"_accel_anon: passes disagree ({n4}, {n6}) != ({m4}, {m6})")
+        touched, not_anon, corrected, offload, truncated, _, _ = _accel_anon.rewrite(
+            self.cp.core, *self.cp.cache_tables(),
+            batch.buf, c(batch.off, i64), c(batch.caplen, i64), c(sel).view(np.uint8),
+            c(h.l3, i64), c(h.ipver, np.uint8), c(h.ethertype, np.uint16), c(h.proto, np.uint8),
+            c(h.l4, i64), c(h.iplen, i64), c(h.src4, np.uint32), c(h.dst4, np.uint32),
+            c(h.src6, np.uint8), c(h.dst6, np.uint8), self.recompute_whole)
         self.packets_anonymized += touched
         self.not_anonymized += not_anon
         self.checksums_corrected += corrected

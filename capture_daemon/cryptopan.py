@@ -8,7 +8,10 @@ bits of the 128-bit block; IPv6 is the same over 128 bits.
 Why it is fast: a never-seen address costs 32 (IPv4) or 128 (IPv6) AES blocks. All blocks of all
 new addresses are built at once with numpy and encrypted in a single AES-ECB ``update_into()``
 per 2 MiB chunk (OpenSSL, AES-NI), then the first bit of every output block is packed back into
-addresses. Results are cached in a direct-mapped table per family (slot = Fibonacci hash of the
+addresses. Where the C accelerator is built (capture_daemon/_accel_anon.c), the same algorithm
+runs in C over OpenSSL, one EVP call per address with its blocks prebuilt (1.5x faster than the
+numpy version here, which stays as the reference and fallback). Results are cached in a
+direct-mapped table per family (slot = Fibonacci hash of the
 address; key, value and a filled flag per slot), so looking up a whole batch is one gather and
 one compare, no Python loop; only addresses not in the table reach AES.
 
@@ -30,10 +33,11 @@ import os
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-try:  # the cache lookup in C (capture_daemon/_accel_anon.c lookup), same tables and slots
-    from ._accel_anon import lookup as _c_lookup
-except ImportError:  # pragma: no cover - not built: numpy does the lookup
-    _c_lookup = None
+try:  # C versions (capture_daemon/_accel_anon.c): the cache lookup (same tables and slots) and
+    # a Crypto-PAn core the one-pass rewrite of anonymize.py computes new addresses with
+    from ._accel_anon import compute as _c_compute, core as _c_core, lookup as _c_lookup
+except ImportError:  # pragma: no cover - not built: numpy does the work
+    _c_compute = _c_core = _c_lookup = None
 
 KEY_BYTES = 32
 FINGERPRINT_PREFIX = b"gims-key-fingerprint"
@@ -128,6 +132,14 @@ class CryptoPAn:
         self._k6 = np.zeros((1 << self._bits6, 2), np.uint64)
         self._v6 = np.zeros((1 << self._bits6, 16), np.uint8)
         self._f6 = np.zeros(1 << self._bits6, bool)
+        # The same algorithm in C over OpenSSL (tests/anon/test_cryptopan.py compares the two).
+        self.core = _c_core(key) if _c_core is not None else None
+
+    def cache_tables(self) -> tuple:
+        """The caches as the C rewrite takes them: (k4, v4, f4, bits4, k6, v6, f6, bits6); the C
+        code looks up and fills the same slots as anonymize_v4 / anonymize_v6."""
+        return (self._k4, self._v4, self._f4.view(np.uint8), self._bits4,
+                self._k6, self._v6, self._f6.view(np.uint8), self._bits6)
 
     def _slot4(self, a: np.ndarray) -> np.ndarray:
         return ((a.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self._bits4)).astype(np.intp)
@@ -161,6 +173,24 @@ class CryptoPAn:
         return self._scr
 
     def _compute_v4(self, addrs: np.ndarray) -> np.ndarray:
+        """Crypto-PAn of IPv4 addresses (uint32), uncached: in C when built (1.5x faster here),
+        else numpy."""
+        if self.core is None:
+            return self._compute_v4_numpy(addrs)
+        out = np.empty(len(addrs), np.uint32)
+        _c_compute(self.core, 4, np.ascontiguousarray(addrs, np.uint32), out)
+        return out
+
+    def _compute_v6(self, addrs: np.ndarray) -> np.ndarray:
+        """Crypto-PAn of IPv6 addresses ((n, 16) uint8), uncached: in C when built (1.6x faster
+        here), else numpy."""
+        if self.core is None:
+            return self._compute_v6_numpy(addrs)
+        out = np.empty((len(addrs), 16), np.uint8)
+        _c_compute(self.core, 6, np.ascontiguousarray(addrs, np.uint8), out)
+        return out
+
+    def _compute_v4_numpy(self, addrs: np.ndarray) -> np.ndarray:
         n = len(addrs)
         out = np.empty(n, np.uint32)
         blocks, word0, _, _, ctbuf = self._scratch()
@@ -179,7 +209,7 @@ class CryptoPAn:
             out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1).view(">u4").reshape(m)
         return out
 
-    def _compute_v6(self, addrs: np.ndarray) -> np.ndarray:
+    def _compute_v6_numpy(self, addrs: np.ndarray) -> np.ndarray:
         n = len(addrs)
         out = np.empty((n, 16), np.uint8)
         _, _, blocks, tmp, ctbuf = self._scratch()

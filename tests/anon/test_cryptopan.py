@@ -44,6 +44,7 @@ def test_reference_vectors_batched_uncached_and_cached():
     assert cp.cache_sizes()[0] == len(VECTORS)
     assert np.array_equal(cp.anonymize_v4(batch), expect)
     assert np.array_equal(cp._compute_v4(orig), want)
+    assert np.array_equal(cp._compute_v4_numpy(orig), want)
 
 
 def _common_prefix(a: int, b: int, bits: int) -> int:
@@ -259,3 +260,33 @@ def test_c_cache_lookup_matches_the_numpy_lookup(monkeypatch):
     with pytest.raises(ValueError):
         c_lookup(5, v4, cp._k4, cp._v4, cp._f4.view(np.uint8), cp._bits4,
                                      np.empty(len(v4), np.uint32), np.empty(len(v4), np.intp))
+
+
+@pytest.mark.skipif(cryptopan._c_core is None, reason="capture_daemon._accel_anon not built "
+                    "(tests/capture/test_accel.py fails CI for that)")
+def test_c_cryptopan_matches_the_python_one():
+    """The C Crypto-PAn (_accel_anon.compute, over OpenSSL) gives the reference vectors and the
+    same images as the numpy one on random addresses, with random keys."""
+    from capture_daemon._accel_anon import compute
+    cp = CryptoPAn(KEY)
+    orig = np.array([int(ipaddress.IPv4Address(a)) for a, _ in VECTORS], np.uint32)
+    out = np.empty_like(orig)
+    compute(cp.core, 4, orig, out)
+    assert [str(ipaddress.IPv4Address(int(v))) for v in out] == [b for _, b in VECTORS]
+    for seed in range(3):
+        key = np.random.default_rng(seed).integers(0, 256, 32, dtype=np.uint8).tobytes()
+        cp = CryptoPAn(key)
+        v4 = np.random.default_rng(seed).integers(0, 2**32, 3000, dtype=np.uint32)
+        v4[:3] = (0, 0xFFFFFFFF, 0x80000000)
+        v6 = _random_v6(800, seed)
+        v6[0], v6[1] = 0, 0xFF
+        o4, o6 = np.empty_like(v4), np.empty_like(v6)
+        compute(cp.core, 4, v4, o4)
+        compute(cp.core, 6, v6, o6)
+        assert np.array_equal(o4, cp._compute_v4_numpy(v4))
+        assert np.array_equal(o6, cp._compute_v6_numpy(v6))
+        assert np.array_equal(o4, cp._compute_v4(v4)) and np.array_equal(o6, cp._compute_v6(v6))
+    with pytest.raises(ValueError):
+        compute(cp.core, 4, v4, np.empty(3, np.uint32))
+    with pytest.raises(ValueError):
+        cryptopan._c_core(b"short")
