@@ -77,6 +77,8 @@ def _status_before_exit(message: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .memory import keep_freed_batches
+    keep_freed_batches()
     from .settings import SettingsError, build_settings
     from .sampling import SamplingError, parse_sample_spec
     from .source import SourceError, open_source

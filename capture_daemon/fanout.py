@@ -40,6 +40,7 @@ import sys
 import time
 from multiprocessing.connection import wait
 
+from .memory import keep_freed_batches
 from .pipeline import COUNTER_NAMES, status_line
 
 log = logging.getLogger("gims-capture")
@@ -257,6 +258,7 @@ def _recovery_metadata(settings, group: int, workers: int) -> dict:
 def worker_main(settings, index: int, workers: int, group: int, conn, verbose: bool,
                 supervisor_pid: int) -> None:
     """One capture process of the group: its own handle, Pipeline and files."""
+    keep_freed_batches()  # a spawned interpreter: the supervisor's setting is not inherited
     stop = {"requested": False, "rotate": False, "pipeline": None}
 
     def on_stop(*_):
