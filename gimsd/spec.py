@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 from typing import Any
 
+from .bpf import FilterError, check_filter
 from .config import Config
 
 # docs/ARCHITECTURE.md: used verbatim as a systemd instance name and a directory name.
@@ -47,7 +47,6 @@ _SAMPLE_ALIASES = {"everyn": "everyN", "uniformrandom": "uniformrandom", "unifor
                    "none": "none", "": "none"}
 _ANON_ALIASES = {"anonymize": "cryptopan", "cryptopan": "cryptopan", "none": "none", "": "none"}
 
-_compile_lock = threading.Lock()
 
 
 class SpecError(ValueError):
@@ -421,18 +420,15 @@ def check_local_dir(value: Any, config: Config, field: str) -> str:
 
 
 def compile_filter(expr: str, field: str) -> None:
-    """Refuse a BPF expression libpcap cannot compile, at configure time (pcapy-ng)."""
+    """Refuse a BPF expression libpcap cannot compile, at configure time (gimsd/bpf.py)."""
     if "\0" in expr:
         raise SpecError(field, "must not contain NUL characters")
     try:
-        import pcapy  # noqa: PLC0415
-    except ImportError:
-        raise SpecError(field, "cannot be checked: pcapy (pcapy-ng) is not installed on this node") from None
-    with _compile_lock:  # libpcap's compiler is not reentrant in every version
-        try:
-            pcapy.compile(pcapy.DLT_EN10MB, 65535, expr, 1, 0)
-        except Exception as e:  # pcapy.PcapError; the message is libpcap's, no secret inside
-            raise SpecError(field, f"BPF filter does not compile: {e}") from None
+        check_filter(expr)
+    except FilterError as e:
+        raise SpecError(field, f"BPF filter does not compile: {e}") from None
+    except OSError as e:
+        raise SpecError(field, f"cannot be checked on this node: {e}") from None
 
 
 def effective_filter(spec: dict[str, Any], config: Config) -> str:
