@@ -171,6 +171,20 @@ static inline uint64_t hash6(const uint8_t *a)
  * pad = AES(last 16 bytes). Output bit i = input bit i XOR the first bit of AES(the first i bits
  * of the input followed by bits i.. of pad). One EVP call per address: all its 32 (IPv4) or 128
  * (IPv6) blocks at once. Not thread-safe (one cipher context): the capture has one thread. */
+/* In front of CryptoPAn's cache (megabytes, three arrays: a lookup there is up to three CPU
+ * cache misses, measured at a quarter of the rewrite) sits a small direct-mapped memo of recent
+ * addresses, one entry per slot, that mostly stays in the CPU's L2 cache: traffic is
+ * heavy-tailed, so most address sites hit it. Kept with the core across batches (a memo per
+ * batch still sent each batch's first sight of every address to the big tables). */
+enum { MEMO4_BITS = 14, MEMO6_BITS = 12 };
+typedef struct Memo4 {
+    uint32_t key, val, filled;
+} Memo4;
+typedef struct Memo6 {
+    uint8_t key[16], val[16];
+    uint8_t filled;
+} Memo6;
+
 typedef struct Core {
     EVP_CIPHER_CTX *ctx;
     uint8_t pad[16];
@@ -181,6 +195,10 @@ typedef struct Core {
     uint32_t in4[32 * 4];
     uint64_t in6[128 * 2];
     uint8_t ct[128 * 16];
+    /* the memo in front of CryptoPAn's cache (see cached4); an image depends only on the key
+     * and the address, so the memo lives as long as the core, across batches */
+    Memo4 *memo4;
+    Memo6 *memo6;
 } Core;
 
 static inline uint32_t be32(const uint8_t *p)
@@ -261,21 +279,7 @@ static int cp6(Core *k, const uint8_t *a, uint8_t *out)
 }
 
 /* rewrite(): the image of an address from the cache, computed and cached on a miss (the
- * newest address keeps a slot, as in CryptoPAn.anonymize_v4 / _v6).
- *
- * In front of CryptoPAn's cache (megabytes, three arrays: each lookup there is up to three
- * cache misses, measured as a quarter of the rewrite) sits a small direct-mapped memo of the
- * batch's addresses, one entry per slot, that stays in the CPU's L2 cache: traffic is
- * heavy-tailed, so most address sites of a batch hit it. */
-enum { MEMO4_BITS = 14, MEMO6_BITS = 12 };
-typedef struct Memo4 {
-    uint32_t key, val, filled;
-} Memo4;
-typedef struct Memo6 {
-    uint8_t key[16], val[16];
-    uint8_t filled;
-} Memo6;
-
+ * newest address keeps a slot, as in CryptoPAn.anonymize_v4 / _v6). */
 static int cached4_slow(Ctx *c, uint32_t a, uint32_t *v);
 static int cached6_slow(Ctx *c, const uint8_t *a, uint8_t *v);
 
@@ -828,6 +832,11 @@ static void core_free(PyObject *capsule)
     Core *k = PyCapsule_GetPointer(capsule, CORE_NAME);
     if (k) {
         EVP_CIPHER_CTX_free(k->ctx);
+        /* the memo holds addresses and their images: as private as the key */
+        OPENSSL_cleanse(k->memo4, sizeof(Memo4) << MEMO4_BITS);
+        OPENSSL_cleanse(k->memo6, sizeof(Memo6) << MEMO6_BITS);
+        PyMem_Free(k->memo4);
+        PyMem_Free(k->memo6);
         OPENSSL_cleanse(k, sizeof *k);
         PyMem_Free(k);
     }
@@ -852,6 +861,12 @@ static PyObject *core(PyObject *self, PyObject *args)
         goto done;
     }
     int len = 0;
+    k->memo4 = PyMem_Calloc((size_t)1 << MEMO4_BITS, sizeof(Memo4));
+    k->memo6 = PyMem_Calloc((size_t)1 << MEMO6_BITS, sizeof(Memo6));
+    if (!k->memo4 || !k->memo6) {
+        PyErr_NoMemory();
+        goto done;
+    }
     k->ctx = EVP_CIPHER_CTX_new();
     if (!k->ctx || EVP_EncryptInit_ex(k->ctx, EVP_aes_128_ecb(), NULL, key.buf, NULL) != 1 ||
         EVP_CIPHER_CTX_set_padding(k->ctx, 0) != 1 ||
@@ -866,6 +881,8 @@ static PyObject *core(PyObject *self, PyObject *args)
 done:
     if (k) {
         EVP_CIPHER_CTX_free(k->ctx);
+        PyMem_Free(k->memo4);
+        PyMem_Free(k->memo6);
         PyMem_Free(k);
     }
     PyBuffer_Release(&key);
@@ -938,12 +955,8 @@ static PyObject *rewrite(PyObject *self, PyObject *args)
     c.ck4 = b[14].buf, c.cv4 = b[15].buf, c.cf4 = b[16].buf, c.cbits4 = bits4;
     c.ck6 = b[17].buf, c.cv6 = b[18].buf, c.cf6 = b[19].buf, c.cbits6 = bits6;
     c.recompute = recompute;
-    c.memo4 = PyMem_RawCalloc((size_t)1 << MEMO4_BITS, sizeof(Memo4));
-    c.memo6 = PyMem_RawCalloc((size_t)1 << MEMO6_BITS, sizeof(Memo6));
-    if (!c.memo4 || !c.memo6) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    c.memo4 = c.core->memo4;
+    c.memo6 = c.core->memo6;
     walk(&c, n);
     if (c.cryptofail)
         PyErr_SetString(PyExc_RuntimeError, "_accel_anon.rewrite: AES failed");
@@ -952,8 +965,6 @@ static PyObject *rewrite(PyObject *self, PyObject *args)
                             (long long)c.corrected, (long long)c.offload, (long long)c.truncated,
                             (long long)c.miss4, (long long)c.miss6);
 done:
-    PyMem_RawFree(c.memo4);
-    PyMem_RawFree(c.memo6);
     for (int j = 0; j < NB; j++)
         if (b[j].obj)
             PyBuffer_Release(&b[j]);
