@@ -78,7 +78,7 @@ def _wait_notify(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, cpus="1"):
+def _gims_argv(ctx, iface, outdir, buffer_bytes=None, workers=1):
     argv = [ctx.python, "-m", "capture_daemon.cli", "--interface", iface, "--output-dir", outdir,
             "--experiment", "benchlive", "--site", "BENCH", "--snaplen", "128",
             "--anon-key-file", ctx.key_file, "--rollover", "100000"]
@@ -90,7 +90,15 @@ def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, c
         with open(conf, "w") as f:
             json.dump({"buffer_bytes": int(buffer_bytes)}, f)
         argv += ["--config", conf]
-    env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path}
+    return argv
+
+
+def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, cpus="1",
+                argv=None, env_extra=None):
+    """argv: a command to run instead of _gims_argv's (bench/live_cpu.py wraps it)."""
+    argv = argv or _gims_argv(ctx, iface, outdir, buffer_bytes, workers)
+    env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path,
+           **(env_extra or {})}
     p = subprocess.Popen(["taskset", "-c", cpus] + argv, cwd=peers.GIMS_REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return p, argv
