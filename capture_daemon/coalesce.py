@@ -12,6 +12,11 @@ timeout (libpcap's promise: a packet is delivered at most timeout_ms after it wa
 and in any case after ``max_hold`` seconds, so that the capture loop's signals, watchdog and
 status stay as prompt as before. Idle behaviour is unchanged: an empty read after
 ``idle_wait`` seconds without packets, so files still roll over on the wall clock.
+
+While a batch is held, waking up for every block costs ~30 us of CPU per wake-up here (~0.05 us
+a packet at 300 k packets/s); when blocks come faster than every ``POLL_SECONDS`` the reader
+sleeps that long instead and then reads the blocks that came meanwhile, provided the ring
+cannot fill up in the meantime (see _pause).
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ from typing import Callable, Iterator
 import numpy as np
 
 META = struct.Struct("=IIII")  # next_batch's per-packet record: sec, usec, offset, caplen
+POLL_SECONDS = 0.01     # the longest sleep between reads while a batch is held
+MIN_PAUSE = 0.001       # a shorter sleep than this is not worth it: wait on the descriptor
+RING_OVERHEAD = 80      # ring bytes per packet besides its data (tpacket3_hdr, sockaddr_ll, padding)
 
 
 def coalesced_reads(read: Callable[[int], tuple], wait: Callable[[float], bool], *,
                     max_packets: int, max_bytes: int, max_hold: float, timeout: float,
-                    idle_wait: float, clock=time.monotonic, wall=time.time) -> Iterator[tuple]:
+                    idle_wait: float, ring_bytes: int = 0, nap=time.sleep,
+                    clock=time.monotonic, wall=time.time) -> Iterator[tuple]:
     """(data, meta) pairs shaped like next_batch's, each holding one or more reads.
 
     read(n): next_batch(n), non-blocking. wait(seconds): True when the capture descriptor
     became readable within that time. An empty pair means nothing came within idle_wait (or
     the descriptor woke with nothing to read, as before: never a loop without a yield).
+    ring_bytes: the kernel buffer's size (0: unknown, never sleep in place of a wait).
     """
     parts: list[tuple] = []
     packets = nbytes = 0
@@ -55,8 +65,13 @@ def coalesced_reads(read: Callable[[int], tuple], wait: Callable[[float], bool],
                 continue
         else:
             left = deadline - clock()
-            if left > 0 and wait(left):
-                continue
+            if left > 0:
+                pause = _pause(parts, packets, nbytes, ring_bytes, left)
+                if pause:
+                    nap(pause)
+                    continue
+                if wait(left):
+                    continue
         yield join(parts)
         parts, packets, nbytes = [], 0, 0
 
@@ -67,6 +82,29 @@ def _hold(meta, max_hold: float, timeout: float, wall) -> float:
     sec, usec, _, _ = META.unpack_from(meta, 0)
     age = wall() - (sec + usec * 1e-6)
     return min(max_hold, max(0.0, timeout - max(0.0, age)))
+
+
+def _pause(parts: list[tuple], packets: int, nbytes: int, ring_bytes: int, left: float) -> float:
+    """How long to sleep before the next read (0: wait on the descriptor instead).
+
+    From the held packets' own timestamps: the packet rate while this batch was held, and so
+    how often a block comes (taking the smallest read for one block: while every read held a
+    backlog, blocks only look rarer, and the reader waits on the descriptor as before) and how
+    soon the ring fills. Sleep only when blocks come more often than POLL_SECONDS (otherwise
+    the descriptor wakes us no more often), and at most the time the ring takes to fill a
+    quarter."""
+    first = META.unpack_from(parts[0][1], 0)
+    last_meta = parts[-1][1]
+    last = META.unpack_from(last_meta, len(last_meta) - META.size)
+    span = (last[0] - first[0]) + (last[1] - first[1]) * 1e-6
+    if not ring_bytes or span <= 0:
+        return 0.0
+    rate = packets / span
+    if min(len(m) for _, m in parts) // META.size / rate >= POLL_SECONDS:
+        return 0.0
+    ring_fill = ring_bytes / (rate * (nbytes / packets + RING_OVERHEAD))
+    pause = min(POLL_SECONDS, left, ring_fill / 4)
+    return pause if pause >= MIN_PAUSE else 0.0
 
 
 def join(parts: list[tuple]) -> tuple:

@@ -16,11 +16,13 @@ from capture_daemon.source import PcapSource
 NOW = 1_700_000_000.0
 
 
-def read_result(packets, t=NOW):
-    """(data, meta) as next_batch returns them for these packets (bytes), all stamped t."""
+def read_result(packets, t=NOW, dt=0.0):
+    """(data, meta) as next_batch returns them for these packets (bytes), the first stamped t,
+    the others dt seconds apart."""
     data, meta, pos = b"", b"", 0
-    for p in packets:
-        meta += struct.pack("=IIII", int(t), int(round((t % 1) * 1e6)), pos, len(p))
+    for i, p in enumerate(packets):
+        ts = t + i * dt
+        meta += struct.pack("=IIII", int(ts), int(round((ts % 1) * 1e6)), pos, len(p))
         data += p
         pos += len(p)
     return data, meta
@@ -161,6 +163,75 @@ def test_packets_after_an_idle_wait_are_coalesced_too():
     cap = FakeCapture(["wait", read_result(a), "wait", read_result(b), "idle"])
     (data, meta), = cap.batches(1)
     assert packets_of(data, meta) == a + b
+
+
+class TimedCapture:
+    """Blocks that become readable at given times; a read returns every block that has come
+    (as one next_batch does), a wait ends when the next block comes, a nap just passes time."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)  # (arrival time, read result)
+        self.t = 0.0
+        self.waits, self.naps, self.reads = [], [], 0
+
+    def read(self, n):
+        ready = [r for at, r in self.blocks if at <= self.t]
+        self.blocks = [(at, r) for at, r in self.blocks if at > self.t]
+        if not ready:
+            return b"", b""
+        self.reads += 1
+        data, meta = join(ready)
+        return bytes(data), bytes(meta)
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        if self.blocks and self.blocks[0][0] <= self.t + seconds:
+            self.t = max(self.t, self.blocks[0][0])
+            return True
+        self.t += seconds
+        return False
+
+    def nap(self, seconds):
+        self.naps.append(seconds)
+        self.t += seconds
+
+    def batches(self, count, **kw):
+        opts = dict(max_packets=100000, max_bytes=1 << 30, max_hold=0.05, timeout=1.0,
+                    idle_wait=0.5, nap=self.nap, clock=lambda: self.t,
+                    wall=lambda: NOW + self.t)
+        opts.update(kw)
+        gen = coalesced_reads(self.read, self.wait, **opts)
+        return [next(gen) for _ in range(count)]
+
+
+def blocks_every(interval, count, per_block=300):
+    """count blocks of per_block packets, one every interval seconds, packets evenly spaced."""
+    return [(i * interval, read_result(pkts(b"%d" % i, per_block), NOW + i * interval,
+                                       interval / per_block)) for i in range(count)]
+
+
+def test_fast_blocks_are_collected_by_sleeping_between_reads():
+    """A block every millisecond: the reader sleeps POLL_SECONDS and then reads the several
+    blocks that came meanwhile, rather than waking up for each."""
+    from capture_daemon.coalesce import POLL_SECONDS
+    cap = TimedCapture(blocks_every(0.001, 40))
+    (data, meta), = cap.batches(1, ring_bytes=32 << 20)
+    assert len(packets_of(data, meta)) == 40 * 300  # everything within the 50 ms hold
+    assert cap.naps and all(0 < n <= POLL_SECONDS for n in cap.naps)
+    assert len(cap.naps) + len(cap.waits) < 10 and cap.reads < 10  # not one per block
+
+
+def test_no_sleeping_when_the_ring_could_fill_meanwhile_or_blocks_are_slow():
+    cap = TimedCapture(blocks_every(0.001, 40))
+    (data, meta), = cap.batches(1, ring_bytes=4096)  # a quarter of it fills in ~3 us
+    assert len(packets_of(data, meta)) == 40 * 300
+    assert cap.naps == [] and cap.reads == 40
+    cap = TimedCapture(blocks_every(0.02, 3))  # a block every 20 ms: no more wake-ups than naps
+    (data, meta), = cap.batches(1, ring_bytes=32 << 20)
+    assert len(packets_of(data, meta)) == 3 * 300 and cap.naps == []
+    cap = TimedCapture(blocks_every(0.001, 40))
+    cap.batches(1)  # ring size unknown
+    assert cap.naps == []
 
 
 class FakeHandle:
