@@ -66,12 +66,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, all its threads."""
+def cpu_seconds(pid: int) -> tuple[float, float, int]:
+    """(user, system) CPU seconds of a process, all its threads, and its minor page faults."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
 def distribution(values: list[int]) -> str:
@@ -134,7 +134,7 @@ def main() -> int:
         if a.pyspy:
             pyspy = os.path.join(os.path.dirname(sys.executable), "py-spy")
             profilers.append(subprocess.Popen([pyspy, "record", "--pid", str(p.pid), "-r", "250",
-                                               "--nonblocking", "-f", "raw",
+                                               "-f", "raw",
                                                "-o", a.pyspy], stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
         if profilers:
@@ -160,7 +160,8 @@ def main() -> int:
     result = {"capturer": a.capturer, "asked_pps": a.rate, "achieved_pps": achieved, "sent": sent,
               "captured": captured, "dropped": drops, "window_s": round(window, 3),
               "cpu_window_s": round(cpu, 3),
-              "user_s": round(user, 3), "system_s": round(system, 3), "cpu_total_s": round(total_cpu, 3),
+              "user_s": round(user, 3), "system_s": round(system, 3),
+              "minor_faults": cpu1[2] - cpu0[2], "cpu_total_s": round(total_cpu, 3),
               "us_per_packet_window": round(1e6 * cpu / sent, 3) if sent else None,
               "capturer_cmd": " ".join(argv).replace(outdir, "OUT"),
               "sender_cmd": " ".join(rargv)}
