@@ -47,33 +47,41 @@ def coalesced_reads(read: Callable[[int], tuple], wait: Callable[[float], bool],
     parts: list[tuple] = []
     packets = nbytes = 0
     deadline = 0.0
-    while True:
-        data, meta = read(max(1, max_packets - packets))
-        if not meta and not parts:
-            if wait(idle_wait):
-                data, meta = read(max_packets)
-            if not meta:
-                yield b"", b""
-                continue
-        if meta:
-            if not parts:
-                deadline = clock() + _hold(meta, max_hold, timeout, wall)
-            parts.append((data, meta))
-            packets += len(meta) // META.size
-            nbytes += len(data)
-            if packets < max_packets and nbytes < max_bytes:
-                continue
-        else:
-            left = deadline - clock()
-            if left > 0:
-                pause = _pause(parts, packets, nbytes, ring_bytes, left)
-                if pause:
-                    nap(pause)
+    try:
+        while True:
+            data, meta = read(max(1, max_packets - packets))
+            if not meta and not parts:
+                if wait(idle_wait):
+                    data, meta = read(max_packets)
+                if not meta:
+                    yield b"", b""
                     continue
-                if wait(left):
+            if meta:
+                if not parts:
+                    deadline = clock() + _hold(meta, max_hold, timeout, wall)
+                parts.append((data, meta))
+                packets += len(meta) // META.size
+                nbytes += len(data)
+                if packets < max_packets and nbytes < max_bytes:
                     continue
-        yield join(parts)
-        parts, packets, nbytes = [], 0, 0
+            else:
+                left = deadline - clock()
+                if left > 0:
+                    pause = _pause(parts, packets, nbytes, ring_bytes, left)
+                    if pause:
+                        nap(pause)
+                        continue
+                    if wait(left):
+                        continue
+            yield join(parts)
+            parts, packets, nbytes = [], 0, 0
+    except Exception:
+        # A read that fails (the interface went away): the packets read before it still go
+        # to the pipeline, as they did when every read was its own batch.
+        if parts:
+            held, parts = parts, []
+            yield join(held)
+        raise
 
 
 def _hold(meta, max_hold: float, timeout: float, wall) -> float:

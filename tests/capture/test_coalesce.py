@@ -8,6 +8,7 @@ is in test_live.py.
 import struct
 
 import numpy as np
+import pytest
 
 from capture_daemon.batch import Batch
 from capture_daemon.coalesce import coalesced_reads, join
@@ -163,6 +164,22 @@ def test_packets_after_an_idle_wait_are_coalesced_too():
     cap = FakeCapture(["wait", read_result(a), "wait", read_result(b), "idle"])
     (data, meta), = cap.batches(1)
     assert packets_of(data, meta) == a + b
+
+
+def test_packets_held_when_a_read_fails_are_handed_over_before_the_error():
+    a, b = pkts(b"a", 2), pkts(b"b", 3)
+    cap = FakeCapture([read_result(a), read_result(b), "boom"])
+    real_read = cap.read
+
+    def read(n):
+        if cap.script and cap.script[0] == "boom":
+            raise OSError("interface went down")
+        return real_read(n)
+    gen = coalesced_reads(read, cap.wait, max_packets=1000, max_bytes=1 << 20, max_hold=0.05,
+                          timeout=1.0, idle_wait=0.5, clock=cap.clock, wall=cap.wall)
+    assert packets_of(*next(gen)) == a + b
+    with pytest.raises(OSError, match="went down"):
+        next(gen)
 
 
 class TimedCapture:
