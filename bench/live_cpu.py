@@ -18,6 +18,7 @@ each batch handed to the pipeline held, and prints their distribution.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import cpulimit  # noqa: E402
 import live  # noqa: E402
 import peers  # noqa: E402
 from run import DEFAULT_WORKDIR, ensure_key  # noqa: E402
@@ -94,6 +96,10 @@ def main() -> int:
     ap.add_argument("--perf", metavar="FILE", help="perf record -g output (perf.data)")
     ap.add_argument("--pyspy", metavar="FILE", help="py-spy raw output")
     ap.add_argument("--batch-stats", action="store_true")
+    ap.add_argument("--cpu-quota", type=float, default=None, metavar="PERCENT",
+                    help="limit the capturer to this share of one core once it captures "
+                         "(bench/cpulimit.py); at a rate above what that share takes, packets "
+                         "captured per second of sending measure its capacity on the budget")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for gims-capture (experiments, e.g. PYTHONPATH)")
     a = ap.parse_args()
@@ -108,7 +114,9 @@ def main() -> int:
     count = max(10_000, int((a.rate or 350_000) * a.seconds))
     outdir = tempfile.mkdtemp(prefix="livecpu-", dir=a.workdir)
     stats_file = os.path.join(outdir, ".batch-stats.json")
-    with live.VethPair() as veth:
+    with contextlib.ExitStack() as stack:
+        veth = stack.enter_context(live.VethPair())
+        limit = stack.enter_context(cpulimit.CpuLimit(a.cpu_quota)) if a.cpu_quota else None
         if a.capturer == "gims":
             notify_path = os.path.join(outdir, ".notify")
             nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -126,6 +134,8 @@ def main() -> int:
         else:
             p, argv = live._start_tcpdump(veth.a, outdir)
             time.sleep(1.0)
+        if limit is not None:
+            limit.add(p.pid)
         profilers = []
         if a.perf:
             profilers.append(subprocess.Popen(["perf", "record", "-g", "-q", "-o", a.perf,
@@ -163,6 +173,7 @@ def main() -> int:
               "user_s": round(user, 3), "system_s": round(system, 3),
               "minor_faults": cpu1[2] - cpu0[2], "cpu_total_s": round(total_cpu, 3),
               "us_per_packet_window": round(1e6 * cpu / sent, 3) if sent else None,
+              "cpu_quota": limit.describe() if limit else None,
               "capturer_cmd": " ".join(argv).replace(outdir, "OUT"),
               "sender_cmd": " ".join(rargv)}
     print(json.dumps(result, indent=1))
