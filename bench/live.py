@@ -11,6 +11,7 @@ veth ends so the kernel adds no packets of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import cpulimit  # noqa: E402
 import gen_trace  # noqa: E402
 import peers  # noqa: E402
 
@@ -78,7 +80,7 @@ def _wait_notify(sock: socket.socket, timeout: float) -> bool:
     return False
 
 
-def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, cpus="1"):
+def _gims_argv(ctx, iface, outdir, buffer_bytes=None, workers=1):
     argv = [ctx.python, "-m", "capture_daemon.cli", "--interface", iface, "--output-dir", outdir,
             "--experiment", "benchlive", "--site", "BENCH", "--snaplen", "128",
             "--anon-key-file", ctx.key_file, "--rollover", "100000"]
@@ -90,7 +92,15 @@ def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, c
         with open(conf, "w") as f:
             json.dump({"buffer_bytes": int(buffer_bytes)}, f)
         argv += ["--config", conf]
-    env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path}
+    return argv
+
+
+def _start_gims(ctx, iface, outdir, notify_path, buffer_bytes=None, workers=1, cpus="1",
+                argv=None, env_extra=None):
+    """argv: a command to run instead of _gims_argv's (bench/live_cpu.py wraps it)."""
+    argv = argv or _gims_argv(ctx, iface, outdir, buffer_bytes, workers)
+    env = {**os.environ, "PYTHONPATH": peers.GIMS_REPO, "NOTIFY_SOCKET": notify_path,
+           **(env_extra or {})}
     p = subprocess.Popen(["taskset", "-c", cpus] + argv, cwd=peers.GIMS_REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return p, argv
@@ -159,14 +169,21 @@ def _replay(veth, pcap, pps, count):
 
 
 def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = None,
-        gims_workers: int = 1, gims_cpus: str = "1", with_tcpdump: bool = True) -> dict:
-    """buffer_bytes: the kernel capture buffer for both capturers (None: each one's default).
+        gims_workers: int = 1, gims_cpus: str = "1", with_tcpdump: bool = True,
+        cpu_percent: float | None = None) -> dict:
+    """Step the offered rate up for each capturer; report the best clean step.
 
+    buffer_bytes: the kernel capture buffer for both capturers (None: each one's default).
     gims_workers > 1 runs gims-capture --workers N (PACKET_FANOUT), pinned to gims_cpus (a
-    taskset list; tcpreplay stays on CPU 0, so "0,1" shares the sender's core)."""
-    """Step the offered rate up for each capturer; report the best clean step."""
+    taskset list; tcpreplay stays on CPU 0, so "0,1" shares the sender's core).
+    cpu_percent: once capturing, each capturer gets only this share of one core (a cgroup CPU
+    quota, bench/cpulimit.py), so that the sender is no longer the limit."""
     if os.geteuid() != 0:
         return {"error": "needs root (network namespaces)", "lines": ["skipped: needs root"]}
+    if cpu_percent is not None:
+        why = cpulimit.available()
+        if why:
+            return {"error": f"CPU quota: {why}", "lines": [f"skipped: CPU quota: {why}"]}
     for exe in ("ip", "tcpreplay", "tcpdump", "taskset"):
         if not shutil.which(exe):
             return {"error": f"{exe} not installed", "lines": [f"skipped: {exe} not installed"]}
@@ -206,6 +223,8 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
             time.sleep(1.0)            # tcpdump says "listening on" once the socket is bound
             ready = p.poll() is None
         commands[name] = [a.replace(outdir, "OUT") for a in argv]
+        if ready and limit is not None:
+            limit.add(p.pid)
         if not ready or p.poll() is not None:
             p.kill()
             err = p.communicate()[1][-300:]
@@ -238,7 +257,9 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
             steps.append(f"tcpreplay: {rerr.strip()[-200:]}")
         return clean, achieved
 
-    with VethPair() as veth:
+    with contextlib.ExitStack() as stack:
+        veth = stack.enter_context(VethPair())
+        limit = stack.enter_context(cpulimit.CpuLimit(cpu_percent)) if cpu_percent else None
         # The ladder: every capturer at each rate in turn, until its first lossy step.
         for pps in rates:
             for name in capturers:
@@ -268,8 +289,13 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
                     best[name] = max(best[name], achieved)
                 else:
                     first_loss[name] = achieved or int((lo + hi) / 2)
-    lines = [f"kernel capture buffer: {'each capturer default (gims 32 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}",
-             "", "| capturer | highest clean rate (achieved pps) | lowest lossy rate |", "|---|---|---|"]
+    lines = [f"kernel capture buffer: {'each capturer default (gims 32 MiB, tcpdump 2 MiB)' if not buffer_bytes else f'{buffer_bytes} bytes for both'}"]
+    if cpu_percent:
+        lines.append(f"**CPU-restricted comparison**: once capturing, each capturer (every thread "
+                     f"and process of it; one capturer at a time) ran in a cgroup limited to "
+                     f"{cpulimit.CpuLimit(cpu_percent).describe()}; the rates below are what each "
+                     f"takes on that budget, not on a whole core")
+    lines += ["", "| capturer | highest clean rate (achieved pps) | lowest lossy rate |", "|---|---|---|"]
     for name, b in best.items():
         fl = first_loss.get(name)
         lines.append(f"| {name} | {'none clean' if b is None else f'{b:,.0f}'} | "
@@ -284,7 +310,8 @@ def run(ctx, rates_arg: str, log, refine: int = 2, buffer_bytes: int | None = No
                          "pps achieved): the sender is the limit here, not the capturers; no ratio")
         else:
             lines.append(f"\nratio gims / tcpdump: {g / t:.2f}× (target ≥ 1.0×); a capturer with no "
-                         "lossy step may go higher than measured")
+                         "lossy step may go higher than measured"
+                         + (f"; CPU-restricted ({cpu_percent:g} % of a core each)" if cpu_percent else ""))
     if gims_workers > 1:
         lines.append(f"\ngims-capture ran with --workers {gims_workers} (PACKET_FANOUT), "
                      f"pinned to CPUs {gims_cpus}")

@@ -374,6 +374,10 @@ def main(argv=None) -> int:
                     help="path 6: taskset CPU list for gims-capture (tcpreplay has CPU 0)")
     ap.add_argument("--live-no-tcpdump", action="store_true",
                     help="path 6: measure gims-capture only")
+    ap.add_argument("--live-cpu-quota", type=float, default=None, metavar="PERCENT",
+                    help="path 6: limit each capturer to this share of one core once it captures "
+                         "(a cgroup CPU quota, bench/cpulimit.py): a CPU-restricted comparison "
+                         "for when the sender, not the capturers, is the limit")
     a = ap.parse_args(argv)
     size = a.size or (50_000 if a.quick else 5_000_000)
     rounds = a.rounds or (1 if a.quick else 3)
@@ -426,7 +430,8 @@ def main(argv=None) -> int:
                 result["live"] = live.run(ctx, a.live_rates, log, buffer_bytes=a.live_buffer,
                                           gims_workers=a.live_workers,
                                           gims_cpus=a.live_gims_cpus,
-                                          with_tcpdump=not a.live_no_tcpdump)
+                                          with_tcpdump=not a.live_no_tcpdump,
+                                          cpu_percent=a.live_cpu_quota)
     finally:
         sink.close()
     if 7 in paths:

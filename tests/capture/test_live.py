@@ -8,11 +8,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, sh, veth_pair
+from tests.helpers import (REPO, data_files, metadata, module_cmd, need_tool, pcap_count, sh,
+                           veth_pair, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +26,15 @@ def veth():
         yield pair
 
 
-def start_capture(out, iface, *extra):
+def start_capture(out, iface, *extra, prefix=None):
+    """prefix: a command to run instead of `python -m capture_daemon.cli` (given the same flags)."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen(module_cmd("capture_daemon.cli", "--interface", iface, "--output-dir", out,
-                                       "--experiment", "live", "--site", "veth", "--snaplen", "256",
-                                       "--stats-interval", "1", *extra),
-                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    cmd = module_cmd("capture_daemon.cli", "--interface", iface, "--output-dir", out,
+                     "--experiment", "live", "--site", "veth", "--snaplen", "256",
+                     "--stats-interval", "1", *extra)
+    if prefix:
+        cmd = prefix + cmd[3:]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     status = os.path.join(out, ".gims-status.json")
     deadline = time.time() + 20
     while not os.path.exists(status):
@@ -132,3 +137,59 @@ def test_interface_vanishing_is_a_clear_failure_not_a_hang(tmp_path, veth):
     files = data_files(out)
     assert files and sum(metadata(f)["packets_written"] for f in files) >= 100
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# gims-capture with reads never coalesced: each next_batch result is one batch, as before
+# capture_daemon/coalesce.py existed.
+ONE_READ_PER_BATCH = r"""
+import sys
+from capture_daemon import source
+source.COALESCE_BYTES, source.COALESCE_SECONDS = 1, 0.0
+from capture_daemon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _records(path):
+    """(caplen, wirelen, bytes) of every record of a pcap file: all but the timestamps."""
+    from tests.anon.pcapio import read_pcap
+    b = read_pcap(path)[0]
+    buf = b.buf.tobytes()
+    return [(int(c), int(w), buf[int(o):int(o + c)]) for o, c, w in zip(b.off, b.caplen, b.wirelen)]
+
+
+def test_coalesced_reads_write_what_one_read_per_batch_writes(tmp_path, veth):
+    """A burst replayed at top speed, captured with reads coalesced into batches (the default)
+    and with one batch per read: the same records (anonymized, truncated, wire lengths
+    estimated) and the same counters."""
+    need_tool("tcpreplay")
+    host, ns = veth
+    trace = os.path.join(REPO, "tests", "data", "zeek__modbusBig.pcap")
+    expected = 13622  # tests/data/MANIFEST.tsv: all TCP
+    key = tmp_path / "key.hex"
+    key.write_text(os.urandom(32).hex() + "\n")
+    results = {}
+    for mode in ("coalesced", "one read per batch"):
+        out = str(tmp_path / mode.replace(" ", "-"))
+        prefix = None if mode == "coalesced" else [sys.executable, "-c", ONE_READ_PER_BATCH]
+        proc = start_capture(out, host, "--filter", "tcp", "--snaplen", "64",
+                             "--anon-key-file", str(key), prefix=prefix)
+        sh("ip", "netns", "exec", ns, "tcpreplay", "-i", f"{host[:-1]}p", "--topspeed", trace)
+        status = os.path.join(out, ".gims-status.json")
+        wait_for(lambda: json.load(open(status)).get("packets_observed") == expected, timeout=20,
+                 what=f"{expected} packets observed ({mode})")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        files = data_files(out)
+        metas = [metadata(f) for f in files]
+        assert all(m["pcap_stats"]["ps_drop"] == 0 for m in metas)
+        counters = {k: sum(m[k] for m in metas) for k in
+                    ("packets_observed", "bytes_observed", "packets_written", "malformed_packets")}
+        # these two are the process's running totals: the last file has them
+        counters["wire_lengths_estimated"] = metas[-1]["wire_lengths_estimated"]
+        anon = {k: metas[-1]["anonymization"][k] for k in
+                ("packets_anonymized", "not_anonymized", "checksums_corrected")}
+        results[mode] = ([r for f in files for r in _records(f)], counters, anon)
+    coalesced, single = results["coalesced"], results["one read per batch"]
+    assert len(coalesced[0]) == expected
+    assert coalesced == single
