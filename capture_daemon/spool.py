@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 
 from .atomic import fsync_dir, write_json_atomic
 
-WRITE_BUFFER_BYTES = 1 << 20
 WRITE_PIECE_BYTES = 1 << 20   # largest single write() (see HashingFile._drain)
 WRITEBACK_BYTES = 8 << 20     # start the disk write-out every this many bytes (see _start_writeback)
 
@@ -41,7 +40,10 @@ class HashingFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = open(path, "xb", buffering=WRITE_BUFFER_BYTES)
+        # Unbuffered: writes arrive gathered (HANDOVER_BYTES) and go out in WRITE_PIECE_BYTES;
+        # a BufferedWriter copied every piece into its own buffer first (one more copy of every
+        # output byte).
+        self._f = open(path, "xb", buffering=0)
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._error: OSError | None = None
@@ -67,7 +69,8 @@ class HashingFile:
                 for start in range(0, len(view), WRITE_PIECE_BYTES):
                     piece = view[start:start + WRITE_PIECE_BYTES]
                     self.sha256.update(piece)
-                    self._f.write(piece)
+                    while len(piece):  # a raw write() may take less than it was given
+                        piece = piece[self._f.write(piece):]
                 self._unsynced += len(view)
                 if self._unsynced >= WRITEBACK_BYTES:
                     self._unsynced = 0
@@ -104,7 +107,6 @@ class HashingFile:
     def finish(self) -> None:
         self._stop()
         self._raise_pending()
-        self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 
