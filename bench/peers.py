@@ -231,6 +231,12 @@ def tools() -> list:
         _gims(1, "gims-capture", extra_fn=lambda ctx: ["--anon-key-file", ctx.key_file]),
         Tool(1, "tcpdump copy", lambda ctx, o: ["tcpdump", "-r", ctx.trace, "-w", os.path.join(o, "out.pcap")],
              requires=["tcpdump"], verify=_tcpdump_read_all, note="plain copy, no anonymization"),
+        Tool(1, "tcpdump copy + fsync",
+             lambda ctx, o: ["sh", "-c", 'tcpdump -r "$1" -w "$2" && sync "$2"', "sh", ctx.trace,
+                             os.path.join(o, "out.pcap")],
+             requires=["tcpdump", "sync"], verify=_tcpdump_read_all,
+             note="the copy made durable (coreutils sync FILE: fsync), as gims-capture makes "
+                  "every file before it publishes it; informational, not the issue's peer"),
         Tool(1, "tcprewrite", lambda ctx, o: ["tcprewrite", "--seed=7", "--fixcsum", "-i", ctx.trace,
                                               "-o", os.path.join(o, "out.pcap")],
              requires=["tcprewrite"], verify=_file_nonempty("out.pcap"),
