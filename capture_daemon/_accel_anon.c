@@ -780,7 +780,7 @@ static void packet(Ctx *c, Py_ssize_t i)
 static int need(Py_buffer *b, Py_ssize_t bytes, Py_ssize_t align, const char *name)
 {
     if (b->len < bytes || ((uintptr_t)b->buf % (uintptr_t)align) != 0) {
-        PyErr_Format(PyExc_ValueError, "_accel_anon.run: %s too short or misaligned", name);
+        PyErr_Format(PyExc_ValueError, "_accel_anon: %s too short or misaligned", name);
         return 0;
     }
     return 1;
@@ -947,9 +947,13 @@ static PyObject *rewrite(PyObject *self, PyObject *args)
     c.core = PyCapsule_GetPointer(cap, CORE_NAME);
     if (!c.core || !packet_args(&c, b, &n))
         goto done;
-    if (bits4 <= 0 || bits4 >= 40 || bits6 <= 0 || bits6 >= 40 || !need(&b[14], 4 << bits4, 4, "k4") ||
-        !need(&b[15], 4 << bits4, 4, "v4") || !need(&b[16], (Py_ssize_t)1 << bits4, 1, "f4") ||
-        !need(&b[17], 16 << bits6, 1, "k6") || !need(&b[18], 16 << bits6, 1, "v6") ||
+    if (bits4 <= 0 || bits4 >= 40 || bits6 <= 0 || bits6 >= 40) {
+        PyErr_SetString(PyExc_ValueError, "_accel_anon.rewrite: cache bits out of range");
+        goto done;
+    }
+    if (!need(&b[14], (Py_ssize_t)4 << bits4, 4, "k4") ||
+        !need(&b[15], (Py_ssize_t)4 << bits4, 4, "v4") || !need(&b[16], (Py_ssize_t)1 << bits4, 1, "f4") ||
+        !need(&b[17], (Py_ssize_t)16 << bits6, 1, "k6") || !need(&b[18], (Py_ssize_t)16 << bits6, 1, "v6") ||
         !need(&b[19], (Py_ssize_t)1 << bits6, 1, "f6"))
         goto done;
     c.ck4 = b[14].buf, c.cv4 = b[15].buf, c.cf4 = b[16].buf, c.cbits4 = bits4;

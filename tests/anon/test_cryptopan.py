@@ -290,3 +290,24 @@ def test_c_cryptopan_matches_the_python_one():
         compute(cp.core, 4, v4, np.empty(3, np.uint32))
     with pytest.raises(ValueError):
         cryptopan._c_core(b"short")
+
+
+@pytest.mark.skipif(cryptopan._c_core is None, reason="capture_daemon._accel_anon not built "
+                    "(tests/capture/test_accel.py fails CI for that)")
+def test_c_rewrite_refuses_cache_tables_smaller_than_their_bits():
+    """rewrite() trusts no table size: bits that do not match the tables are refused (a read
+    past their end otherwise)."""
+    from capture_daemon._accel_anon import rewrite
+    cp = CryptoPAn(KEY, max_cache_v4=1 << 10, max_cache_v6=1 << 8)
+    tables = list(cp.cache_tables())
+    z64, one = np.zeros(1, np.int64), np.ones(1, np.uint8)
+    packet = (np.zeros(64, np.uint8), z64, z64 + 64, one, z64 + 14, one * 4, np.zeros(1, np.uint16),
+              one * 6, z64 + 34, z64 + 50, np.zeros(1, np.uint32), np.zeros(1, np.uint32),
+              np.zeros(16, np.uint8), np.zeros(16, np.uint8), True)
+    for index, bits in ((3, 30), (3, 11), (7, 9), (3, 0), (7, 40)):
+        bad = list(tables)
+        bad[index] = bits
+        with pytest.raises(ValueError):
+            rewrite(cp.core, *bad, *packet)
+    with pytest.raises(ValueError):  # not a Crypto-PAn core
+        rewrite(object(), *tables, *packet)
