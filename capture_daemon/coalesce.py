@@ -3,8 +3,9 @@
 With TPACKET_V3, libpcap hands over what the kernel has retired: usually one ring block per
 ``next_batch`` call, a few hundred packets at a small snaplen (~350 at snaplen 128 and 300 k
 packets/s on the bench's veth), and the next block is rarely ready when the pipeline asks
-again. Each batch costs the pipeline a fixed 0.2-0.8 ms (numpy calls, Crypto-PAn lookups, the
-anonymizer's two C passes, the writer hand-over), which at 350 packets is more than the
+again. Each batch cost the pipeline a fixed 0.2-0.8 ms (numpy calls, Crypto-PAn lookups, the
+anonymizer's C passes, the writer hand-over; measured before the one-pass anonymizer), which at
+350 packets is more than the
 per-packet work itself (docs/PERFORMANCE.md, path 6). So a live source keeps reading blocks as
 they come and hands the pipeline one batch when it holds ``max_packets`` packets or
 ``max_bytes`` bytes, or when holding on would make its oldest packet later than the read
