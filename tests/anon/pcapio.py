@@ -22,9 +22,10 @@ def read_pcap(path) -> tuple[Batch, dict]:
         sec, frac, incl, orig = hdr.unpack_from(data, pos)
         recs.append((sec, frac // div, pos + 16, incl, orig))
         pos += 16 + incl
-    sec, usec, start, incl, orig = (np.array(c, dtype=np.int64) for c in zip(*recs))
+    # a file with no records (a capture's idle interval) is a valid pcap: an empty batch
+    sec, usec, start, incl, orig = (np.array(c, dtype=np.int64) for c in (zip(*recs) if recs else [()] * 5))
     raw = np.frombuffer(data, dtype=np.uint8)
-    buf = np.concatenate([raw[s:s + n] for s, n in zip(start, incl)])
+    buf = np.concatenate([raw[s:s + n] for s, n in zip(start, incl)] or [raw[:0]])
     off = np.zeros(len(incl), dtype=np.int64)
     np.cumsum(incl[:-1], out=off[1:])
     return Batch(buf, off, incl, orig, sec, usec, int(linktype)), {"snaplen": snaplen}
