@@ -40,6 +40,7 @@ import sys
 import time
 from multiprocessing.connection import wait
 
+from . import libc
 from .memory import keep_freed_batches
 from .pipeline import COUNTER_NAMES, status_line
 
@@ -339,10 +340,8 @@ def _send(conn, msg) -> bool:
 
 def _die_with_parent(supervisor_pid: int) -> None:
     """SIGTERM this worker when the supervisor dies (e.g. SIGKILL): no orphaned captures."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl = libc.function("prctl", (ctypes.c_int,) + (ctypes.c_ulong,) * 4)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)

@@ -18,10 +18,11 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from . import libc
 from .atomic import fsync_dir, write_json_atomic
 
 WRITE_PIECE_BYTES = 1 << 20   # largest single write() (see HashingFile._drain)
-WRITEBACK_BYTES = 8 << 20     # start the disk write-out every this many bytes (see _start_writeback)
+WRITEBACK_BYTES = 8 << 20     # start the disk write-out every this many bytes (see start_writeback)
 
 
 class HashingFile:
@@ -119,18 +120,8 @@ class HashingFile:
             pass
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux; not in the os module), or None where it is missing."""
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    f.restype = ctypes.c_int
-    return f
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = libc.function("sync_file_range",
+                                 (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
 SYNC_FILE_RANGE_WRITE = 2
 
 

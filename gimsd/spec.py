@@ -48,7 +48,6 @@ _SAMPLE_ALIASES = {"everyn": "everyN", "uniformrandom": "uniformrandom", "unifor
 _ANON_ALIASES = {"anonymize": "cryptopan", "cryptopan": "cryptopan", "none": "none", "": "none"}
 
 
-
 class SpecError(ValueError):
     """A refused spec value. ``field`` is the contract's name for it; the message never contains
     the value of a secret field."""
