@@ -123,13 +123,9 @@ class FlowOutput:
 
     def end_file(self, end_time: float, final: bool) -> dict:
         if final:
-            flush_part = getattr(self.meter, "flush_part", None)
-            if flush_part is None:
-                self.meter.flush()
-            else:
-                # a full table's records are encoded while the table empties, not all at once
-                while not flush_part(_ENCODE_RECORDS):
-                    self._collect(force=True, partial=True)
+            # a full table's records are encoded while the table empties, not all at once
+            while not self.meter.flush_part(_ENCODE_RECORDS):
+                self._collect(force=True, partial=True)
         self._collect(force=True)
         st = self.meter.stats
         fc = self._file

@@ -132,19 +132,22 @@ class MeterStats:
     hash_fallbacks: int = 0   # batches regrouped exactly after a 44-bit hash collision
 
 
-def _configure(meter, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
-               scan_interval) -> None:
+class _MeterSettings:
     """The settings both meters take, checked and stored alike (times in microseconds)."""
-    if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
-        raise ValueError("flow timeouts must be positive")
-    if max_flows < 1:
-        raise ValueError("max_flows must be at least 1")
-    meter.idle_us = int(round(idle_timeout * 1e6))
-    meter.active_us = int(round(active_timeout * 1e6))
-    meter.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
-    meter.max_flows = int(max_flows)
-    meter.biflow = bool(biflow)
-    meter.scan_us = int(round(scan_interval * 1e6))
+
+    def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
+                 tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
+                 biflow: bool = False, scan_interval: float = 1.0):
+        if idle_timeout <= 0 or active_timeout <= 0 or tcp_end_timeout < 0:
+            raise ValueError("flow timeouts must be positive")
+        if max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        self.idle_us = int(round(idle_timeout * 1e6))
+        self.active_us = int(round(active_timeout * 1e6))
+        self.end_us = int(round(min(tcp_end_timeout, idle_timeout) * 1e6))
+        self.max_flows = int(max_flows)
+        self.biflow = bool(biflow)
+        self.scan_us = int(round(scan_interval * 1e6))
 
 
 def with_packet_addresses(buf, h):
@@ -175,15 +178,12 @@ def with_packet_addresses(buf, h):
     return out
 
 
-class NumpyFlowMeter:
+class NumpyFlowMeter(_MeterSettings):
     """The numpy reference meter (what CFlowMeter must match record for record)."""
     accelerated = False
 
-    def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
-                 tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
-                 biflow: bool = False, scan_interval: float = 1.0):
-        _configure(self, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
-                   scan_interval)
+    def __init__(self, **settings):
+        super().__init__(**settings)
         self.stats = MeterStats()
         self._table = _Columns(1024)
         self._used = np.zeros(1024, dtype=bool)
@@ -270,6 +270,12 @@ class NumpyFlowMeter:
             self._expire_slots(slots[fin], END_DETECTED)
         if (~fin).any():
             self._expire_slots(slots[~fin], END_FORCED)
+
+    def flush_part(self, max_records: int) -> bool:
+        """CFlowMeter.flush_part's interface: the reference expires every flow at once (its
+        records come out whole, in flush()'s order); always done."""
+        self.flush()
+        return True
 
     def _reasons(self, fin, last, start, now):
         """Why a flow ends by time `now` (0: it does not).  Of the deadlines passed, the earliest
@@ -613,7 +619,7 @@ _HDR_DTYPES = (("ipver", np.uint8), ("src4", np.uint32), ("dst4", np.uint32),
                ("tcpflags", np.uint8), ("tos", np.uint8), ("iplen", np.int64))
 
 
-class CFlowMeter:
+class CFlowMeter(_MeterSettings):
     """FlowMeter with the per-packet work (keys, grouping, segments, merge, expiry) in C
     (capture_daemon/_accel_flows.c).  Same records, fields, end reasons and order as
     NumpyFlowMeter: it reproduces the reference's group order (the same 44-bit hash of
@@ -622,11 +628,8 @@ class CFlowMeter:
     the reference would have read the out-of-range values as they are)."""
     accelerated = True
 
-    def __init__(self, *, idle_timeout: float = 300.0, active_timeout: float = 1800.0,
-                 tcp_end_timeout: float = 30.0, max_flows: int = 1_000_000,
-                 biflow: bool = False, scan_interval: float = 1.0):
-        _configure(self, idle_timeout, active_timeout, tcp_end_timeout, max_flows, biflow,
-                   scan_interval)
+    def __init__(self, **settings):
+        super().__init__(**settings)
         self._m = _accel_flows.Meter(self.idle_us, self.active_us, self.end_us, self.scan_us,
                                      self.max_flows, self.biflow,
                                      [int(x) for x in _HASH_C])
