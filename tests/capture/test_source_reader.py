@@ -100,6 +100,17 @@ def test_many_chunks_and_records_cut_by_chunk_ends(tmp_path, monkeypatch):
         assert b.records and len(b.buf) == int((b.caplen + 16).sum())
 
 
+def _packets_before_error(path, message) -> int:
+    """Packets the reader delivers from a damaged file before it raises SourceError(message)."""
+    src = OfflineSource(str(path))
+    seen = 0
+    with pytest.raises(SourceError, match=message):
+        for batch in src.batches():
+            seen += len(batch)
+    src.close()
+    return seen
+
+
 @pytest.mark.parametrize("cut", [5, 16, 30])
 def test_truncated_file_delivers_whole_records_then_fails(tmp_path, cut, monkeypatch):
     if source._accel_read is None:
@@ -109,12 +120,7 @@ def test_truncated_file_delivers_whole_records_then_fails(tmp_path, cut, monkeyp
     path = tmp_path / "cut.pcap"
     path.write_bytes(data[:-cut])
     whole = len(_records(path)[1]) - (1 if cut > 16 else 0)
-    src = OfflineSource(str(path))
-    seen = 0
-    with pytest.raises(SourceError, match="truncated dump file"):
-        for batch in src.batches():
-            seen += len(batch)
-    src.close()
+    seen = _packets_before_error(path, "truncated dump file")
     assert seen == min(whole, len(_records(trace)[1]) - 1)
 
 
@@ -127,13 +133,7 @@ def test_bogus_capture_length_is_refused_with_a_reason(tmp_path):
     _write(path, header, recs[:2])
     with open(path, "ab") as fh:
         fh.write(struct.pack("<IIII", 1, 2, 10_000_000, 60) + b"x" * 100)
-    src = OfflineSource(str(path))
-    seen = 0
-    with pytest.raises(SourceError, match="invalid packet capture length 10000000"):
-        for batch in src.batches():
-            seen += len(batch)
-    src.close()
-    assert seen == 2
+    assert _packets_before_error(path, "invalid packet capture length 10000000") == 2
 
 
 def test_batches_are_writable_without_a_copy():
