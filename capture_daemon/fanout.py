@@ -249,7 +249,7 @@ def _recovery_metadata(settings, group: int, workers: int) -> dict:
     return {"format": "gims-meta/1", "experiment": settings.experiment, "site": settings.site,
             "device": settings.interface, "filter": settings.effective_filter,
             "snaplen": settings.snaplen, "aggregation": settings.aggregate,
-            "software": {"gims": __version__, "libpcap": libpcap_version()},
+            "software": {"gims": __version__, "libpcap": libpcap_version(live=True)},
             "user_text": settings.user_text,
             # which worker wrote a recovered file is not known; the group it ran in is not either
             "fanout": {"group": None, "worker": None, "workers": workers, "mode": "hash"}}

@@ -429,7 +429,7 @@ class Pipeline:
             "aggregation": s.aggregate, "rollover_seconds": s.rollover_seconds,
             "max_file_bytes": s.max_file_bytes,
             "software": {"gims": __version__, "python": platform.python_version(),
-                         "numpy": numpy.__version__, "libpcap": libpcap_version()},
+                         "numpy": numpy.__version__, "libpcap": libpcap_version(live=self.source.live)},
             "platform": {"system": platform.system(), "release": platform.release(),
                          "machine": platform.machine(), "node": platform.node()},
             "user_text": s.user_text,

@@ -7,15 +7,19 @@ not the wire length, which pcap records and byte counts need. We recover it per 
   in C: exact wire lengths, writable buffers, no per-packet Python work. Without it, the file
   offset of each record is a cumulative sum of (16 + caplen) over next_batch's caplens and the
   wire length is read from the file with pread — exact, vectorized, about half as fast;
-- otherwise (live capture, filtered savefiles, pcapng): a packet shorter than the snaplen was
-  captured whole (wirelen == caplen); a truncated IP packet's wire length is its link header
-  plus the IP datagram length; a truncated non-IP packet is counted at its captured length
-  and reported in ``wirelen_estimated``.
+- a live interface: with the C accelerator (_accel_live) we own the libpcap handle and read
+  with pcap_dispatch, whose callback writes each packet once, as a pcap record with its real
+  wire length, into the batch's buffer (no estimate, no join; coalescing is appending);
+- otherwise (live capture without _accel_live, filtered savefiles, pcapng): a packet shorter
+  than the snaplen was captured whole (wirelen == caplen); a truncated IP packet's wire length
+  is its link header plus the IP datagram length; a truncated non-IP packet is counted at its
+  captured length and reported in ``wirelen_estimated``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import select
 import socket
 import os
@@ -25,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .batch import Batch, back_to_back_offsets, gather_packed
-from .coalesce import coalesced_reads
+from .coalesce import RecordReads, coalesce, coalesced_reads
 from . import parse
 
 try:
@@ -37,6 +41,13 @@ try:
     from . import _accel_read
 except ImportError:  # not built: the pcapy-ng + pread path below (tests cover both)
     _accel_read = None
+
+try:
+    from . import _accel_live
+except ImportError:  # not built: live capture through pcapy-ng's next_batch (tests cover both)
+    _accel_live = None
+
+log = logging.getLogger("gims-capture")
 
 BATCH_PACKETS = 65536
 CHUNK_BYTES = 2 << 20   # savefile bytes read per batch by the direct reader (~16k packets of
@@ -55,12 +66,18 @@ class SourceError(Exception):
     """A source that cannot be opened or a filter that does not compile: a one-line reason."""
 
 
-def libpcap_version() -> str:
-    """Version string of the libpcap pcapy is linked against (the one actually capturing)."""
+def libpcap_version(live: bool = False) -> str:
+    """Version string of the libpcap actually capturing: for a live interface the one
+    _accel_live links (Debian's) when it is built, else the one pcapy is linked against (the
+    venv's pcapy-ng wheel bundles its own; both may be loaded in one process)."""
+    if live and _accel_live is not None:
+        return _accel_live.lib_version()
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libpcap" in line and "/" in line}
-        for path in sorted(paths):
+        # pcapy's own copy first (pcapy_ng.libs next to the module), if it has one
+        near = os.path.dirname(os.path.dirname(os.path.abspath(pcapy.__file__))) if pcapy else "/"
+        for path in sorted(paths, key=lambda p: (not p.startswith(near + os.sep), p)):
             lib = ctypes.CDLL(path)
             lib.pcap_lib_version.restype = ctypes.c_char_p
             return lib.pcap_lib_version().decode()
@@ -73,6 +90,7 @@ class PcapSource:
     """Common batch loop over a pcapy handle."""
 
     live = False
+    direct = False  # read without next_batch (OfflineSource: the savefile; LiveSource: C)
     batch_packets = None   # packets per next_batch, None: BATCH_PACKETS (smaller: less memory)
 
     def __init__(self, handle, snaplen: int, description: str):
@@ -166,49 +184,71 @@ class LiveSource(PcapSource):
     def __init__(self, interface: str, *, snaplen: int = 64, promiscuous: bool = True,
                  timeout_ms: int = 1000, buffer_bytes: int = 1 << 20, filter_expr: str = "",
                  fanout_group: int | None = None):
-        _need_pcapy()
+        if _accel_live is None:
+            _need_pcapy()
         try:  # libpcap's own words for a missing device are misleading ("unsupported link type -3")
             socket.if_nametoindex(interface)
         except OSError:
             raise SourceError(f"cannot capture on {interface!r}: no such network interface") from None
         try:
-            handle = pcapy.create(interface)
-            handle.set_snaplen(snaplen)
-            handle.set_promisc(bool(promiscuous))
-            handle.set_timeout(timeout_ms)
-            handle.set_buffer_size(buffer_bytes)
-            handle.activate()
+            if _accel_live is not None:
+                # non-blocking already (see below); activate's warning, if any, is logged
+                handle = _accel_live.Live(interface, snaplen, bool(promiscuous), timeout_ms,
+                                          buffer_bytes)
+            else:
+                handle = pcapy.create(interface)
+                handle.set_snaplen(snaplen)
+                handle.set_promisc(bool(promiscuous))
+                handle.set_timeout(timeout_ms)
+                handle.set_buffer_size(buffer_bytes)
+                handle.activate()
         except Exception as exc:
             raise SourceError(f"cannot capture on {interface!r}: {exc}") from None
+        self.direct = _accel_live is not None
+        if getattr(handle, "warning", None):
+            log.warning("capture on %r: %s", interface, handle.warning)
         super().__init__(handle, snaplen, f"interface {interface}")
         self.interface = interface
         self.set_filter(filter_expr)
         if fanout_group is not None:
             # After the filter: this socket joins the group already filtering. HASH keeps a
             # flow on one socket (Linux hashes symmetrically, so both directions too).
+            mode = (_accel_live or pcapy).PACKET_FANOUT_HASH
             try:
-                self.handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
+                self.handle.set_fanout(fanout_group, mode)
             except Exception as exc:
                 self.close()
                 raise SourceError(f"cannot join PACKET_FANOUT group {fanout_group} on "
                                   f"{interface!r}: {exc}") from None
         # With TPACKET_V3 libpcap may block forever when no packets come (the kernel retires
         # a block only when it holds packets), so we wait on the descriptor ourselves.
-        self.handle.setnonblock(1)
+        if not self.direct:
+            self.handle.setnonblock(1)
         self.fd = self.handle.getfd()
         self.buffer_bytes = buffer_bytes
         self.timeout_seconds = timeout_ms / 1000.0
         self.wait_seconds = min(self.timeout_seconds, 0.5)
 
+    def _policy(self) -> dict:
+        """How reads are coalesced (capture_daemon/coalesce.py): one kernel block per read is
+        a few hundred packets, so reads are held together up to COALESCE_BYTES, no longer
+        than the read timeout allows."""
+        return dict(timeout=self.timeout_seconds, idle_wait=self.wait_seconds,
+                    max_hold=COALESCE_SECONDS, ring_bytes=self.buffer_bytes)
+
+    def batches(self):
+        if not self.direct:
+            yield from super().batches()
+            return
+        reads = RecordReads(self.handle.dispatch, self.linktype,
+                            max_packets=self.batch_packets or BATCH_PACKETS,
+                            max_bytes=COALESCE_BYTES, snaplen=self.snaplen)
+        yield from coalesce(reads, self._wait, **self._policy())
+
     def _raw_batches(self):
-        # One kernel block per read is a few hundred packets: reads are coalesced into
-        # batches of up to COALESCE_BYTES, held no longer than the read timeout allows
-        # (capture_daemon/coalesce.py).
         return coalesced_reads(self.handle.next_batch, self._wait,
                                max_packets=self.batch_packets or BATCH_PACKETS,
-                               max_bytes=COALESCE_BYTES, max_hold=COALESCE_SECONDS,
-                               timeout=self.timeout_seconds, idle_wait=self.wait_seconds,
-                               ring_bytes=self.buffer_bytes)
+                               max_bytes=COALESCE_BYTES, **self._policy())
 
     def _wait(self, seconds: float) -> bool:
         ready, _, _ = select.select([self.fd], [], [], seconds)
@@ -240,7 +280,6 @@ class OfflineSource(PcapSource):
             self._nanoseconds = PCAP_MAGICS[magic][1] == 1
             self.direct = _accel_read is not None
 
-    direct = False  # reading the savefile ourselves (see module doc), not through next_batch
     chunk_bytes = None  # savefile bytes per batch of the direct reader, None: CHUNK_BYTES
 
     def batches(self):
@@ -343,7 +382,7 @@ def open_source(*, read: str | None, interface: str | None, filter_expr: str = "
         src = LiveSource(interface, snaplen=snaplen, promiscuous=promiscuous,
                          timeout_ms=timeout_ms, buffer_bytes=buffer_bytes, filter_expr=filter_expr,
                          fanout_group=fanout_group)
-    if not hasattr(src.handle, "next_batch"):
+    if not src.direct and not hasattr(src.handle, "next_batch"):
         src.close()
         raise SourceError("the installed pcapy lacks next_batch: install pcapy-ng >= 2.1")
     return src
