@@ -118,3 +118,18 @@ def wait_for(pred, timeout: float = 30.0, step: float = 0.5, what: str | None = 
     if not value and what is not None:
         raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
     return value
+
+
+def env_without(directory, *modules: str) -> dict:
+    """Environment for a subprocess (and every process it spawns: fan-out workers) in which
+    these modules fail to import, as on a machine where a C accelerator was never built: a
+    sitecustomize.py in `directory`, put first on PYTHONPATH, refuses them."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "sitecustomize.py"), "w") as fh:
+        fh.write("import importlib.abc, sys\n"
+                 "class NotBuilt(importlib.abc.MetaPathFinder):\n"
+                 "    def find_spec(self, name, path, target=None):\n"
+                 f"        if name in {list(modules)!r}:\n"
+                 "            raise ImportError(f'{name} not built')\n"
+                 "sys.meta_path.insert(0, NotBuilt())\n")
+    return {"PYTHONPATH": f"{directory}{os.pathsep}{REPO}"}

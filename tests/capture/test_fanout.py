@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, data_files, metadata, module_cmd, pcap_count, run_capture, sh, veth_pair
+from tests.helpers import (REPO, data_files, env_without, metadata, module_cmd, pcap_count,
+                           run_capture, sh, veth_pair)
 
 PAYLOAD_RE = re.compile(rb"gims-fanout-(\d{7})")
 
@@ -42,8 +43,8 @@ for i in range(n):
 """
 
 
-def start_workers(out, iface, notify_path, *extra):
-    env = dict(os.environ, PYTHONPATH=REPO, NOTIFY_SOCKET=notify_path)
+def start_workers(out, iface, notify_path, *extra, env=None):
+    env = {**os.environ, "PYTHONPATH": REPO, "NOTIFY_SOCKET": notify_path, **(env or {})}
     return subprocess.Popen(module_cmd("capture_daemon.cli", "--interface", iface, "--output-dir", out,
                                        "--experiment", "fan", "--site", "veth", "--snaplen", "256",
                                        "--filter", "udp and dst port 9999", "--workers", "2",
@@ -87,13 +88,18 @@ def pcap_packets(path):
 
 
 @pytest.mark.integration
-def test_two_workers_capture_every_packet_once(tmp_path, veth):
+@pytest.mark.parametrize("reader", ["C", "pcapy-ng"])
+def test_two_workers_capture_every_packet_once(tmp_path, veth, reader):
+    """With either live reader: _accel_live (its own PACKET_FANOUT setsockopt) or the pcapy-ng
+    fallback (set_fanout), as where _accel_live was not built."""
     host, ns = veth
     out = str(tmp_path / "spool")
     notify_path = str(tmp_path / "notify")
     nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     nsock.bind(notify_path)
-    proc = start_workers(out, host, notify_path, "--rollover", "2")
+    env = (env_without(str(tmp_path / "no-accel-live"), "capture_daemon._accel_live")
+           if reader == "pcapy-ng" else None)
+    proc = start_workers(out, host, notify_path, "--rollover", "2", env=env)
     try:
         wait_ready(nsock, proc)  # READY=1 means every worker's handle is in the group
         n, flows = 6000, 64
@@ -121,6 +127,9 @@ def test_two_workers_capture_every_packet_once(tmp_path, veth):
         fan = meta["fanout"]
         assert {k: fan[k] for k in ("workers", "mode")} == {"workers": 2, "mode": "hash"}
         assert fan["worker"] in (0, 1) and isinstance(fan["group"], int)
+        if reader == "C":  # each worker read with _accel_live, on Debian's libpcap
+            from capture_daemon import source
+            assert meta["software"]["libpcap"] == source._accel_live.lib_version()
         pkts = pcap_packets(f)
         assert len(pkts) == meta["packets_written"] == pcap_count(f)
         per_worker[fan["worker"]] += len(pkts)

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.helpers import (REPO, data_files, metadata, module_cmd, need_tool, pcap_count, sh,
-                           veth_pair, wait_for)
+from tests.helpers import (REPO, env_without, data_files, metadata, module_cmd, need_tool,
+                           pcap_count, sh, veth_pair, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,22 @@ def veth():
         yield pair
 
 
-def start_capture(out, iface, *extra, prefix=None):
-    """prefix: a command to run instead of `python -m capture_daemon.cli` (given the same flags)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
+@pytest.fixture(params=["C", "pcapy-ng"])
+def reader(request, tmp_path):
+    """The environment for gims-capture with the live reader under test: _accel_live, or the
+    pcapy-ng fallback (as where _accel_live was not built)."""
+    if request.param == "C":
+        from capture_daemon import source
+        if source._accel_live is None:
+            pytest.skip("_accel_live not built (make build)")
+        return {}
+    return env_without(str(tmp_path / "no-accel-live"), "capture_daemon._accel_live")
+
+
+def start_capture(out, iface, *extra, prefix=None, env=None):
+    """prefix: a command to run instead of `python -m capture_daemon.cli` (given the same flags);
+    env: more environment (e.g. reader's)."""
+    env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
     cmd = module_cmd("capture_daemon.cli", "--interface", iface, "--output-dir", out,
                      "--experiment", "live", "--site", "veth", "--snaplen", "256",
                      "--stats-interval", "1", *extra)
@@ -57,10 +70,10 @@ for i in range(n):
 """
 
 
-def test_live_capture_gets_every_packet(tmp_path, veth):
+def test_live_capture_gets_every_packet(tmp_path, veth, reader):
     host, ns = veth
     out = str(tmp_path / "spool")
-    proc = start_capture(out, host, "--filter", "udp port 9999")
+    proc = start_capture(out, host, "--filter", "udp port 9999", env=reader)
     n = 300
     sh("ip", "netns", "exec", ns, "python3", "-c", SENDER, str(n))
     time.sleep(1.5)
@@ -74,6 +87,10 @@ def test_live_capture_gets_every_packet(tmp_path, veth):
     assert last["pcap_stats"]["ps_drop"] == 0
     assert last["pcap_stats"]["ps_recv"] >= 2 * n
     assert last["device"] == host
+    assert last["wire_lengths_estimated"] == 0  # all IP: exact either way
+    from capture_daemon import source
+    if not reader:  # the libpcap capturing is the one _accel_live links
+        assert last["software"]["libpcap"] == source._accel_live.lib_version()
     # The status file says the capture stopped, with the same totals.
     status = json.load(open(os.path.join(out, ".gims-status.json")))
     assert status["state"] == "stopped" and status["packets_written"] == 2 * n
@@ -118,11 +135,11 @@ def test_sighup_rotates(tmp_path, veth):
     assert sum(metadata(f)["packets_written"] for f in files) >= 80
 
 
-def test_interface_vanishing_is_a_clear_failure_not_a_hang(tmp_path, veth):
+def test_interface_vanishing_is_a_clear_failure_not_a_hang(tmp_path, veth, reader):
     """Deleting the capture interface mid-run: the process exits non-zero promptly, files intact."""
     host, ns = veth
     out = str(tmp_path / "spool")
-    proc = start_capture(out, host)
+    proc = start_capture(out, host, env=reader)
     sh("ip", "netns", "exec", ns, "python3", "-c", SENDER, "50")
     time.sleep(1.2)
     sh("ip", "link", "del", host)
@@ -160,36 +177,89 @@ def _records(path):
 
 def test_coalesced_reads_write_what_one_read_per_batch_writes(tmp_path, veth):
     """A burst replayed at top speed, captured with reads coalesced into batches (the default)
-    and with one batch per read: the same records (anonymized, truncated, wire lengths
-    estimated) and the same counters."""
+    and with one batch per read, each by the C reader and by the pcapy-ng fallback: the same
+    records (anonymized, truncated; wire lengths libpcap's or estimated from the IP headers)
+    and the same counters."""
     need_tool("tcpreplay")
     host, ns = veth
     trace = os.path.join(REPO, "tests", "data", "zeek__modbusBig.pcap")
     expected = 13622  # tests/data/MANIFEST.tsv: all TCP
     key = tmp_path / "key.hex"
     key.write_text(os.urandom(32).hex() + "\n")
+    fallback = env_without(str(tmp_path / "no-accel-live"), "capture_daemon._accel_live")
     results = {}
-    for mode in ("coalesced", "one read per batch"):
-        out = str(tmp_path / mode.replace(" ", "-"))
-        prefix = None if mode == "coalesced" else [sys.executable, "-c", ONE_READ_PER_BATCH]
-        proc = start_capture(out, host, "--filter", "tcp", "--snaplen", "64",
-                             "--anon-key-file", str(key), prefix=prefix)
-        sh("ip", "netns", "exec", ns, "tcpreplay", "-i", f"{host[:-1]}p", "--topspeed", trace)
-        status = os.path.join(out, ".gims-status.json")
-        wait_for(lambda: json.load(open(status)).get("packets_observed") == expected, timeout=20,
-                 what=f"{expected} packets observed ({mode})")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()
-        files = data_files(out)
-        metas = [metadata(f) for f in files]
-        assert all(m["pcap_stats"]["ps_drop"] == 0 for m in metas)
-        counters = {k: sum(m[k] for m in metas) for k in
-                    ("packets_observed", "bytes_observed", "packets_written", "malformed_packets")}
-        # these two are the process's running totals: the last file has them
-        counters["wire_lengths_estimated"] = metas[-1]["wire_lengths_estimated"]
-        anon = {k: metas[-1]["anonymization"][k] for k in
-                ("packets_anonymized", "not_anonymized", "checksums_corrected")}
-        results[mode] = ([r for f in files for r in _records(f)], counters, anon)
-    coalesced, single = results["coalesced"], results["one read per batch"]
-    assert len(coalesced[0]) == expected
-    assert coalesced == single
+    for reader in ("C", "pcapy-ng"):
+        for batching in ("coalesced", "one read per batch"):
+            mode = f"{reader}, {batching}"
+            out = str(tmp_path / mode.replace(" ", "-").replace(",", ""))
+            prefix = None if batching == "coalesced" else [sys.executable, "-c", ONE_READ_PER_BATCH]
+            proc = start_capture(out, host, "--filter", "tcp", "--snaplen", "64",
+                                 "--anon-key-file", str(key), prefix=prefix,
+                                 env=fallback if reader == "pcapy-ng" else None)
+            sh("ip", "netns", "exec", ns, "tcpreplay", "-i", f"{host[:-1]}p", "--topspeed", trace)
+            status = os.path.join(out, ".gims-status.json")
+            wait_for(lambda: json.load(open(status)).get("packets_observed") == expected,
+                     timeout=20, what=f"{expected} packets observed ({mode})")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+            files = data_files(out)
+            metas = [metadata(f) for f in files]
+            assert all(m["pcap_stats"]["ps_drop"] == 0 for m in metas)
+            counters = {k: sum(m[k] for m in metas) for k in
+                        ("packets_observed", "bytes_observed", "packets_written",
+                         "malformed_packets")}
+            # these two are the process's running totals: the last file has them
+            counters["wire_lengths_estimated"] = metas[-1]["wire_lengths_estimated"]
+            anon = {k: metas[-1]["anonymization"][k] for k in
+                    ("packets_anonymized", "not_anonymized", "checksums_corrected")}
+            results[mode] = ([r for f in files for r in _records(f)], counters, anon)
+    first = results["C, coalesced"]
+    assert len(first[0]) == expected
+    for mode, result in results.items():
+        assert result == first, mode
+
+
+# Frames sent from inside the namespace through a packet socket on the peer end: ARP requests
+# (42 bytes) and frames of an experimental ethertype (0x88b5, 100-1000 bytes), numbered.
+RAW_SENDER = r"""
+import socket, struct, sys
+iface, n = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((iface, 0))
+mac = s.getsockname()[4]
+for i in range(n):
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, bytes([10, 9, 0, 2]), bytes(6),
+                      struct.pack("!I", i))
+    s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+    size = 100 + (i * 97) % 901
+    s.send((b"\xff" * 6 + mac + b"\x88\xb5" + b"%06d" % i).ljust(size, b"."))
+"""
+
+
+def test_truncated_non_ip_frames_keep_their_wire_length(tmp_path, veth, reader):
+    """ARP and raw-ethertype frames longer than the snaplen: the C reader writes libpcap's
+    wire length (the frame's real length); the fallback can only count them at their captured
+    length and says how many it could not tell (wire_lengths_estimated)."""
+    host, ns = veth
+    out = str(tmp_path / "spool")
+    n = 200
+    proc = start_capture(out, host, "--snaplen", "40", "--filter", "arp or ether proto 0x88b5",
+                         env=reader)
+    sh("ip", "netns", "exec", ns, "python3", "-c", RAW_SENDER, f"{host[:-1]}p", str(n))
+    status = os.path.join(out, ".gims-status.json")
+    wait_for(lambda: json.load(open(status)).get("packets_observed") == 2 * n, timeout=20,
+             what=f"{2 * n} frames observed")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    files = data_files(out)
+    records = [r for f in files for r in _records(f)]
+    sizes = [s for i in range(n) for s in (42, 100 + (i * 97) % 901)]
+    assert [c for c, _, _ in records] == [40] * (2 * n)
+    meta = metadata(files[-1])
+    bytes_observed = sum(metadata(f)["bytes_observed"] for f in files)
+    if not reader:
+        assert [w for _, w, _ in records] == sizes
+        assert meta["wire_lengths_estimated"] == 0 and bytes_observed == sum(sizes)
+    else:
+        assert [w for _, w, _ in records] == [40] * (2 * n)
+        assert meta["wire_lengths_estimated"] == 2 * n and bytes_observed == 40 * 2 * n
