@@ -15,7 +15,7 @@
  * setfilter(expr)               pcap_compile (optimized, netmask 0 as pcapy-ng) + pcap_setfilter
  * set_fanout(group, mode)       join a PACKET_FANOUT group (after the filter)
  * dispatch(buf, pos, n, off, caplen, wirelen, sec, usec) -> (n, pos, full, error)
- * stats() -> (ps_recv, ps_drop, ps_ifdrop); datalink(); snapshot(); getfd(); close()
+ * stats() -> (ps_recv, ps_drop, ps_ifdrop); datalink(); getfd(); close()
  *     (the names and results of pcapy-ng's methods, so that LiveSource uses either alike)
  * lib_version() -> pcap_lib_version() of the libpcap this module links
  *
@@ -370,12 +370,6 @@ static PyObject *Live_datalink(Live *self, PyObject *unused)
     return need_open(self) < 0 ? NULL : PyLong_FromLong(pcap_datalink(self->p));
 }
 
-static PyObject *Live_snapshot(Live *self, PyObject *unused)
-{
-    (void)unused;
-    return need_open(self) < 0 ? NULL : PyLong_FromLong(pcap_snapshot(self->p));
-}
-
 static PyObject *Live_getfd(Live *self, PyObject *unused)
 {
     (void)unused;
@@ -397,7 +391,6 @@ static PyMethodDef Live_methods[] = {
      "Append ready packets as pcap records: (n, pos, full, error)."},
     {"stats", (PyCFunction)Live_stats, METH_NOARGS, "(ps_recv, ps_drop, ps_ifdrop)"},
     {"datalink", (PyCFunction)Live_datalink, METH_NOARGS, "The link-layer type (DLT)."},
-    {"snapshot", (PyCFunction)Live_snapshot, METH_NOARGS, "The snapshot length in effect."},
     {"getfd", (PyCFunction)Live_getfd, METH_NOARGS, "The descriptor to wait on."},
     {"close", (PyCFunction)Live_close, METH_NOARGS, "Close the capture (idempotent)."},
     {NULL, NULL, 0, NULL},

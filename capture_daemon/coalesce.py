@@ -127,7 +127,8 @@ class RecordReads:
                  snaplen: int):
         self.dispatch, self.linktype = dispatch, linktype
         self.max_packets, self.max_bytes = max_packets, max_bytes
-        # at least one whole record, however small max_bytes is
+        # max_bytes counts records (headers too: what the writer writes and the pipeline
+        # walks); the buffer holds at least one whole record, however small max_bytes is
         self.capacity = max(max_bytes, 16 + snaplen)
         self._start()
 
@@ -147,7 +148,7 @@ class RecordReads:
         return got
 
     def full(self) -> bool:
-        return self._full or self.packets >= self.max_packets or self.nbytes >= self.max_bytes
+        return self._full or self.packets >= self.max_packets or self.pos >= self.max_bytes
 
     def times(self) -> tuple[float, float]:
         sec, usec = self.fields[3], self.fields[4]

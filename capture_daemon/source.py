@@ -1,4 +1,4 @@
-"""Packet sources: a live interface or a savefile, both read in batches with pcapy-ng.
+"""Packet sources: a live interface or a savefile, read in batches (libpcap: pcapy-ng, or our own C).
 
 pcapy-ng's ``next_batch`` returns the packets and (sec, usec, offset, caplen) per packet, but
 not the wire length, which pcap records and byte counts need. We recover it per batch:
