@@ -129,10 +129,16 @@ static PyObject *pcap_failure(pcap_t *p, int status)
     return PyErr_Format(PyExc_OSError, "%s", pcap_statustostr(status));
 }
 
+/* The handle is open and no dispatch is running on it (libpcap's handles are not
+ * thread-safe; dispatch runs without the GIL). */
 static int need_open(Live *self)
 {
     if (self->p == NULL) {
         PyErr_SetString(PyExc_ValueError, "capture handle is closed");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "capture handle in use by dispatch");
         return -1;
     }
     return 0;
@@ -283,10 +289,6 @@ static PyObject *Live_dispatch(Live *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OnnOOOOO", &buf_obj, &pos, &n, &arr_obj[0], &arr_obj[1],
                           &arr_obj[2], &arr_obj[3], &arr_obj[4]) || need_open(self) < 0)
         return NULL;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "dispatch already running");
-        return NULL;
-    }
     Py_buffer out, arr[5];
     if (PyObject_GetBuffer(buf_obj, &out, PyBUF_WRITABLE) < 0)
         return NULL;

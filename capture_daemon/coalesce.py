@@ -124,12 +124,13 @@ class RecordReads:
     and no join. A packet that does not fit stays in the reader and opens the next batch."""
 
     def __init__(self, dispatch, linktype: int, *, max_packets: int, max_bytes: int,
-                 snaplen: int):
+                 max_caplen: int):
         self.dispatch, self.linktype = dispatch, linktype
         self.max_packets, self.max_bytes = max_packets, max_bytes
         # max_bytes counts records (headers too: what the writer writes and the pipeline
-        # walks); the buffer holds at least one whole record, however small max_bytes is
-        self.capacity = max(max_bytes, 16 + snaplen)
+        # walks); the buffer holds at least one whole record of the largest packet libpcap
+        # may hand over, however small max_bytes is
+        self.capacity = max(max_bytes, 16 + max_caplen)
         self._start()
 
     def _start(self):

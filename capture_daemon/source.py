@@ -242,7 +242,7 @@ class LiveSource(PcapSource):
             return
         reads = RecordReads(self.handle.dispatch, self.linktype,
                             max_packets=self.batch_packets or BATCH_PACKETS,
-                            max_bytes=COALESCE_BYTES, snaplen=self.snaplen)
+                            max_bytes=COALESCE_BYTES, max_caplen=MAX_CAPLEN)
         yield from coalesce(reads, self._wait, **self._policy())
 
     def _raw_batches(self):

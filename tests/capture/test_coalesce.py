@@ -96,7 +96,7 @@ def policy(read, wait, reader, opts):
         return
     opts = dict(opts)
     reads = RecordReads(ModelDispatch(read), 1, max_packets=opts.pop("max_packets"),
-                        max_bytes=opts.pop("max_bytes"), snaplen=100)
+                        max_bytes=opts.pop("max_bytes"), max_caplen=100)
     for batch in coalesce(reads, wait, **opts):
         yield records_of(batch)
 
@@ -280,7 +280,7 @@ def test_a_dispatch_error_after_packets_hands_them_over_then_raises():
     def dispatch(*args):
         n, pos, full, _ = model(*args)
         return n, pos, full, "The interface went down"
-    reads = RecordReads(dispatch, 1, max_packets=100, max_bytes=1 << 20, snaplen=100)
+    reads = RecordReads(dispatch, 1, max_packets=100, max_bytes=1 << 20, max_caplen=100)
     gen = coalesce(reads, lambda s: False, max_hold=0.05, timeout=1.0, idle_wait=0.5)
     assert records_of(next(gen)) == a
     with pytest.raises(CaptureError, match="went down"):
