@@ -1,4 +1,4 @@
-"""Packet sources: a live interface or a savefile, read in batches (libpcap: pcapy-ng, or our own C).
+"""Packet sources: a live interface or a savefile, read in batches (libpcap: pcapy-ng, or our C).
 
 pcapy-ng's ``next_batch`` returns the packets and (sec, usec, offset, caplen) per packet, but
 not the wire length, which pcap records and byte counts need. We recover it per batch:
@@ -75,9 +75,9 @@ def libpcap_version(live: bool = False) -> str:
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libpcap" in line and "/" in line}
-        # pcapy's own copy first (pcapy_ng.libs next to the module), if it has one
-        near = os.path.dirname(os.path.dirname(os.path.abspath(pcapy.__file__))) if pcapy else "/"
-        for path in sorted(paths, key=lambda p: (not p.startswith(near + os.sep), p)):
+        # pcapy's own copy first (the wheel's pcapy_ng.libs, next to the module), if it has one
+        near = os.path.dirname(os.path.abspath(pcapy.__file__)) + os.sep if pcapy else "/"
+        for path in sorted(paths, key=lambda p: (not p.startswith(near), p)):
             lib = ctypes.CDLL(path)
             lib.pcap_lib_version.restype = ctypes.c_char_p
             return lib.pcap_lib_version().decode()
