@@ -179,7 +179,11 @@ class DirectWriter:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except (OSError, AttributeError):
             return None
-        return cls(fd, plain_fd)
+        try:
+            return cls(fd, plain_fd)
+        except BaseException:  # no memory for the stage: the descriptor must not leak
+            os.close(fd)
+            raise
 
     def write(self, data: memoryview) -> None:
         while len(data):
