@@ -51,14 +51,14 @@ class HashingFile:
         # a BufferedWriter copied every piece into its own buffer first (one more copy of every
         # output byte).
         self._f = open(path, "xb", buffering=0)
-        self._direct = DirectWriter.open(path, self._f.fileno())
+        # how the bytes reach the file: O_DIRECT where the file system takes it
+        self._out = DirectWriter.open(path, self._f.fileno()) or PageCacheWriter(self._f)
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._error: OSError | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_DEPTH)
         self._held: list = []      # small writes not handed to the thread yet
         self._held_bytes = 0
-        self._unsynced = 0         # bytes written since the last start_writeback
         self._thread = threading.Thread(target=self._drain, name="gims-writer", daemon=True)
         self._thread.start()
 
@@ -77,19 +77,9 @@ class HashingFile:
                 for start in range(0, len(view), WRITE_PIECE_BYTES):
                     piece = view[start:start + WRITE_PIECE_BYTES]
                     self.sha256.update(piece)
-                    if self._direct is not None:
-                        self._direct.write(piece)
-                        continue
-                    while len(piece):  # a raw write() may take less than it was given
-                        piece = piece[self._f.write(piece):]
-                if self._direct is not None:
-                    if self._queue.empty():
-                        self._direct.caught_up()
-                    continue
-                self._unsynced += len(view)
-                if self._unsynced >= WRITEBACK_BYTES:
-                    self._unsynced = 0
-                    start_writeback(self._f.fileno())
+                    self._out.write(piece)
+                if self._queue.empty():
+                    self._out.caught_up()
             except OSError as exc:
                 self._error = exc
 
@@ -122,23 +112,46 @@ class HashingFile:
     def finish(self) -> None:
         self._stop()
         self._raise_pending()
-        if self._direct is not None:
-            self._direct.close()
+        self._out.close()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def detach(self) -> None:
         """Stop writing but leave the temp file for recovery (its tail may be torn)."""
         self._stop()
-        if self._direct is not None:
-            try:  # what is staged still goes to the file: recovery keeps every whole record
-                self._direct.close()
-            except OSError:
-                pass
+        try:  # what is staged still goes to the file: recovery keeps every whole record
+            self._out.close()
+        except OSError:
+            pass
         try:
             self._f.close()
         except OSError:
             pass
+
+
+class PageCacheWriter:
+    """A file's bytes written through the page cache (where the file system has no O_DIRECT),
+    with the disk write-out started every WRITEBACK_BYTES (see start_writeback). The same
+    interface as DirectWriter: write(piece) in the writer thread, caught_up() when its queue is
+    empty, close() before the fsync."""
+
+    def __init__(self, f):
+        self.f = f              # the unbuffered file object (HashingFile closes it)
+        self.unsynced = 0       # bytes written since the last start_writeback
+
+    def write(self, piece: memoryview) -> None:
+        self.unsynced += len(piece)
+        while len(piece):  # a raw write() may take less than it was given
+            piece = piece[self.f.write(piece):]
+        if self.unsynced >= WRITEBACK_BYTES:
+            self.unsynced = 0
+            start_writeback(self.f.fileno())
+
+    def caught_up(self) -> None:
+        """Nothing to do: written bytes are in the page cache already."""
+
+    def close(self) -> None:
+        """Nothing staged: the fsync that follows writes the rest."""
 
 
 class DirectWriter:

@@ -30,7 +30,7 @@ def _pieces(rng, total):
 
 def _write_all(path, pieces):
     f = spool.HashingFile(path)
-    direct = f._direct is not None
+    direct = isinstance(f._out, spool.DirectWriter)
     for p in pieces:
         f.write(p)
     f.finish()
@@ -96,7 +96,7 @@ def test_o_direct_writes_refused_after_the_open_go_the_plain_way(tmp_path, monke
     pieces = _pieces(np.random.default_rng(9), 11 << 20)
     path = str(tmp_path / ".e.tmp")
     f, direct = _write_all(path, pieces)
-    assert direct and f._direct.plain_only
+    assert direct and f._out.plain_only
     _check(path, f, pieces)
 
 
@@ -105,7 +105,7 @@ def test_staged_bytes_reach_the_file_when_the_writer_catches_up(tmp_path):
     more to do, what is staged (from DIRECT_IDLE_FLUSH on) goes to the file, whole blocks."""
     path = str(tmp_path / ".s.tmp")
     f = spool.HashingFile(path)
-    assert f._direct is not None
+    assert isinstance(f._out, spool.DirectWriter)
     n = spool.DIRECT_IDLE_FLUSH + 5000
     f.write(os.urandom(n))
     f._hand_over()
@@ -140,6 +140,6 @@ def test_write_out_is_started_as_the_file_grows(tmp_path, monkeypatch):
     for p in _pieces(np.random.default_rng(6), total):
         f.write(p)
     f.finish()
-    # one call per WRITEBACK_BYTES handed to the writer thread (hand-overs may straddle)
+    # one call per WRITEBACK_BYTES written (a piece may straddle the mark)
     assert 4 <= len(calls) <= 5
     assert os.path.getsize(tmp_path / ".g.tmp") == total
