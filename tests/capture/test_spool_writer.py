@@ -143,3 +143,35 @@ def test_write_out_is_started_as_the_file_grows(tmp_path, monkeypatch):
     # one call per WRITEBACK_BYTES written (a piece may straddle the mark)
     assert 4 <= len(calls) <= 5
     assert os.path.getsize(tmp_path / ".g.tmp") == total
+
+
+def test_an_error_of_the_disk_thread_is_raised_by_finish_and_detach_still_closes(tmp_path, monkeypatch):
+    """The stages are written by an I/O thread of their own: its error (ENOSPC here, simulated
+    on the direct descriptor) must reach the capture through write() or finish(), and detach() must still
+    stop the thread and close the file."""
+    real_pwrite = os.pwrite
+    writers = []
+    real_open = spool.DirectWriter.open.__func__
+
+    def remember(cls, path, fd):
+        w = real_open(cls, path, fd)
+        writers.append(w)
+        return w
+
+    def pwrite(fd, data, offset):
+        if writers and fd == writers[0].fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
+    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    f = spool.HashingFile(str(tmp_path / ".n.tmp"))
+    with pytest.raises(OSError) as err:  # from a later write(), or at the latest from finish()
+        for _ in range(3):
+            f.write(os.urandom(spool.DIRECT_STAGE_BYTES))
+        f.finish()
+    assert err.value.errno == errno.ENOSPC
+    f.detach()
+    w = writers[0]
+    assert w.fd == -1 and not w._io.is_alive()
+    assert all(stage.closed for stage in w._stages)  # the error kept no view of them alive
