@@ -21,6 +21,7 @@ setup(
     ext_modules=[
         Extension(f"capture_daemon.{os.path.basename(src)[:-2]}", [src],
                   libraries=LIBRARIES.get(os.path.basename(src)[:-2], []),
+                  depends=["capture_daemon/_parse_packet.h"],
                   extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"])
         for src in ACCEL_SOURCES
     ],

@@ -36,16 +36,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_parse_packet.h"
+
 enum { PROTO_ICMP = 1, PROTO_TCP = 6, PROTO_UDP = 17, PROTO_ICMPV6 = 58 };
 
 typedef struct {
     uint8_t *buf;
     int64_t blen;
-    const int64_t *off, *caplen, *l3, *l4, *iplen;
-    const uint8_t *sel, *ipver, *proto;
-    const uint16_t *et;
-    const uint32_t *src4, *dst4;
-    const uint8_t *src6, *dst6;
     int recompute;
     /* images: cryptopan.py's cache tables (key, value, filled; 2**bits slots per family), a
      * small memo in front of them, and the Crypto-PAn core for misses */
@@ -59,6 +56,15 @@ typedef struct {
     int cryptofail;
     int64_t anonymized, not_anonymized, corrected, offload, truncated;
 } Ctx;
+
+/* One packet's parsed headers (parse.py's Headers fields the rewrite reads): from the arrays
+ * (rewrite) or from _parse_packet.h as the packet is reached (rewrite_records). */
+typedef struct {
+    int64_t l3, l4, iplen;
+    unsigned ipver, et, proto;
+    uint32_t src4, dst4;
+    const uint8_t *src6, *dst6;
+} Pkt;
 
 /* ---- checksum arithmetic, as capture_daemon/checksum.py ---------------------------------- */
 static inline int64_t fold_slow(int64_t s)
@@ -515,9 +521,9 @@ static void recompute_whole(Ctx *c, const Whole *w)
 }
 
 /* ---- IPv4 / IPv6 headers ------------------------------------------------------------------ */
-static void ipv4(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
+static void ipv4(Ctx *c, const Pkt *p, int64_t l3, int64_t e, Whole *w)
 {
-    uint32_t so = c->src4[i], d = c->dst4[i];
+    uint32_t so = p->src4, d = p->dst4;
     uint32_t ns = 0, nd = 0;
     if (!cached4(c, so, &ns) || !cached4(c, d, &nd))
         return;
@@ -550,17 +556,17 @@ static void ipv4(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
     }
     put16(c, l3 + 10, inc);
 
-    int64_t l4 = c->l4[i];
+    int64_t l4 = p->l4;
     int more_frags = (c->buf[l3 + 6] & 0x20) != 0;
-    int64_t l4len = c->iplen[i] - ihl;
-    l4_checksum(c, l3, l4, e, c->proto[i], l4 >= 0, more_frags, l4len, old_sum, new_sum, 4, c->iplen[i], w);
+    int64_t l4len = p->iplen - ihl;
+    l4_checksum(c, l3, l4, e, p->proto, l4 >= 0, more_frags, l4len, old_sum, new_sum, 4, p->iplen, w);
 }
 
 static int is_ext(int nh) { return nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51 || nh == 135; }
 
-static void ipv6(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
+static void ipv6(Ctx *c, const Pkt *p, int64_t l3, int64_t e, Whole *w)
 {
-    const uint8_t *so = c->src6 + 16 * i, *d = c->dst6 + 16 * i;
+    const uint8_t *so = p->src6, *d = p->dst6;
     uint8_t nw[32];
     if (!cached6(c, so, nw) || !cached6(c, d, nw + 16))
         return;
@@ -593,10 +599,10 @@ static void ipv6(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e, Whole *w)
         pos += hlen;
     }
     c->not_anonymized += rh_addrs;
-    int64_t l4 = c->l4[i];
+    int64_t l4 = p->l4;
     int has_l4 = l4 >= 0 && !rh_active;
-    int64_t l4len = c->iplen[i] - (l4 - l3);
-    l4_checksum(c, l3, l4, e, c->proto[i], has_l4, first_frag, l4len, old_sum, new_sum, 16, c->iplen[i], w);
+    int64_t l4len = p->iplen - (l4 - l3);
+    l4_checksum(c, l3, l4, e, p->proto, has_l4, first_frag, l4len, old_sum, new_sum, 16, p->iplen, w);
 }
 
 /* ---- quoted headers in ICMP errors, ND targets (Anonymizer._quoted, _icmp6_payload) ------- */
@@ -656,10 +662,10 @@ static void quoted(Ctx *c, int64_t l4, int64_t e, int v6)
     adjust(c, l4 + 2, e, before, after, span / 2);
 }
 
-static void icmp4_errors(Ctx *c, Py_ssize_t i, int64_t e)
+static void icmp4_errors(Ctx *c, const Pkt *p, int64_t e)
 {
-    int64_t l4 = c->l4[i], q = l4 + 8;
-    if (c->proto[i] != PROTO_ICMP || l4 < 0 || !(q < e))
+    int64_t l4 = p->l4, q = l4 + 8;
+    if (p->proto != PROTO_ICMP || l4 < 0 || !(q < e))
         return;
     int t = c->buf[l4];
     if (!(t == 3 || t == 4 || t == 5 || t == 11 || t == 12))
@@ -669,10 +675,10 @@ static void icmp4_errors(Ctx *c, Py_ssize_t i, int64_t e)
     quoted(c, l4, e, 0);
 }
 
-static void icmp6_payload(Ctx *c, Py_ssize_t i, int64_t e)
+static void icmp6_payload(Ctx *c, const Pkt *p, int64_t e)
 {
-    int64_t l4 = c->l4[i], q = l4 + 8;
-    if (c->proto[i] != PROTO_ICMPV6 || l4 < 0 || !(q < e))
+    int64_t l4 = p->l4, q = l4 + 8;
+    if (p->proto != PROTO_ICMPV6 || l4 < 0 || !(q < e))
         return;
     int t = c->buf[l4];
     if (t >= 1 && t <= 4) {
@@ -695,9 +701,9 @@ static void icmp6_payload(Ctx *c, Py_ssize_t i, int64_t e)
 }
 
 /* ---- non-IP or unparsed IP (Anonymizer._cut_or_bogus_ip, _arp) ---------------------------- */
-static int cut_or_bogus(Ctx *c, Py_ssize_t i, int64_t l3, int64_t e)
+static int cut_or_bogus(Ctx *c, const Pkt *p, int64_t l3, int64_t e)
 {
-    int et = c->et[i];
+    int et = (int)p->et;
     if (!((et == 0x0800 || et == 0x86DD) && l3 < e))
         return 0;
     int version = c->buf[l3] >> 4;
@@ -744,33 +750,33 @@ static int arp(Ctx *c, int64_t l3, int64_t e)
     return 1;
 }
 
-static void packet(Ctx *c, Py_ssize_t i)
+/* The packet at buf[o, o + cl) with its headers p. */
+static void packet(Ctx *c, int64_t o, int64_t cl, const Pkt *p)
 {
-    int64_t o = c->off[i], cl = c->caplen[i];
     if (o < 0 || cl <= 0 || o >= c->blen)
         return; /* nothing captured: nothing to rewrite (numpy: every check fails too) */
     int64_t e = o + cl < c->blen ? o + cl : c->blen;
-    int64_t l3 = c->l3[i];
+    int64_t l3 = p->l3;
     if (l3 < 0)
         return;
-    int ver = c->ipver[i];
+    int ver = (int)p->ipver;
     Whole w = {0, 0, 0, 0, 0, 0};
     if (ver == 4) {
         if (!ok(l3, 20, e))
             return; /* parse guarantees it; headers that lie are left alone */
-        ipv4(c, i, l3, e, &w);
-        icmp4_errors(c, i, e);
+        ipv4(c, p, l3, e, &w);
+        icmp4_errors(c, p, e);
         c->anonymized++;
     } else if (ver == 6) {
         if (!ok(l3, 40, e))
             return;
-        ipv6(c, i, l3, e, &w);
-        icmp6_payload(c, i, e);
+        ipv6(c, p, l3, e, &w);
+        icmp6_payload(c, p, e);
         c->anonymized++;
-    } else if (c->et[i] == 0x0806) {
+    } else if (p->et == 0x0806) {
         c->anonymized += arp(c, l3, e);
     } else {
-        c->anonymized += cut_or_bogus(c, i, l3, e);
+        c->anonymized += cut_or_bogus(c, p, l3, e);
     }
     if (c->recompute && w.have && ok(w.start, w.stop - w.start, e) && ok(w.cs_pos, 2, e))
         recompute_whole(c, &w);
@@ -786,9 +792,18 @@ static int need(Py_buffer *b, Py_ssize_t bytes, Py_ssize_t align, const char *na
     return 1;
 }
 
+/* The parsed headers of a batch, as rewrite() takes them (parse.py's Headers arrays). */
+typedef struct {
+    const int64_t *off, *caplen, *l3, *l4, *iplen;
+    const uint8_t *sel, *ipver, *proto;
+    const uint16_t *et;
+    const uint32_t *src4, *dst4;
+    const uint8_t *src6, *dst6;
+} Arrays;
+
 /* The packet arguments b[0..13] (buf, off, caplen, sel, l3, ipver, ethertype, proto, l4, iplen,
- * src4, dst4, src6, dst6) into c, checked for length and alignment; the packet count in *n. */
-static int packet_args(Ctx *c, Py_buffer *b, Py_ssize_t *n)
+ * src4, dst4, src6, dst6) into c and a, checked for length and alignment; the packet count in *n. */
+static int packet_args(Ctx *c, Arrays *a, Py_buffer *b, Py_ssize_t *n)
 {
     *n = b[3].len; /* sel: one byte per packet */
     Py_ssize_t m = *n;
@@ -799,29 +814,53 @@ static int packet_args(Ctx *c, Py_buffer *b, Py_ssize_t *n)
         return 0;
     c->buf = b[0].buf;
     c->blen = b[0].len;
-    c->off = b[1].buf;
-    c->caplen = b[2].buf;
-    c->sel = b[3].buf;
-    c->l3 = b[4].buf;
-    c->ipver = b[5].buf;
-    c->et = b[6].buf;
-    c->proto = b[7].buf;
-    c->l4 = b[8].buf;
-    c->iplen = b[9].buf;
-    c->src4 = b[10].buf;
-    c->dst4 = b[11].buf;
-    c->src6 = b[12].buf;
-    c->dst6 = b[13].buf;
+    a->off = b[1].buf;
+    a->caplen = b[2].buf;
+    a->sel = b[3].buf;
+    a->l3 = b[4].buf;
+    a->ipver = b[5].buf;
+    a->et = b[6].buf;
+    a->proto = b[7].buf;
+    a->l4 = b[8].buf;
+    a->iplen = b[9].buf;
+    a->src4 = b[10].buf;
+    a->dst4 = b[11].buf;
+    a->src6 = b[12].buf;
+    a->dst6 = b[13].buf;
     return 1;
 }
 
-static void walk(Ctx *c, Py_ssize_t n)
+static void walk(Ctx *c, const Arrays *a, Py_ssize_t n)
 {
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (c->sel[i])
-            packet(c, i);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!a->sel[i])
+            continue;
+        Pkt p = {a->l3[i], a->l4[i], a->iplen[i], a->ipver[i], a->et[i], a->proto[i], a->src4[i], a->dst4[i],
+                 a->src6 + 16 * i, a->dst6 + 16 * i};
+        packet(c, a->off[i], a->caplen[i], &p);
+    }
     Py_END_ALLOW_THREADS
+}
+
+/* Parse and rewrite every packet, one at a time (rewrite_records); the count of malformed
+ * packets (parse.py's Headers.malformed) in *malformed. */
+static void walk_records(Ctx *c, const int64_t *off, const int64_t *caplen, const int64_t *wirelen,
+                         Py_ssize_t n, long linktype, int64_t *malformed)
+{
+    int64_t bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PpHeaders h;
+        uint8_t a6[32];
+        if (pp_parse(c->buf, c->blen, off[i], caplen[i], wirelen[i], linktype, &h, a6, a6 + 16) < 0)
+            continue; /* outside buf: rewrite_records checked that none is */
+        bad += h.malformed;
+        Pkt p = {h.l3, h.l4, h.iplen, h.ipver, h.ethertype, h.proto, h.src4, h.dst4, a6, a6 + 16};
+        packet(c, off[i], caplen[i], &p);
+    }
+    Py_END_ALLOW_THREADS
+    *malformed = bad;
 }
 
 /* ---- Crypto-PAn core objects (capsules) and the one-pass rewrite ---------------------------- */
@@ -926,6 +965,48 @@ done:
     return res;
 }
 
+/* The Crypto-PAn core and cryptopan.py's cache tables t[0..5] (k4, v4, f4, k6, v6, f6) into c,
+ * checked for size and alignment. */
+static int cache_args(Ctx *c, PyObject *cap, Py_buffer *t, int bits4, int bits6, int recompute)
+{
+    c->core = PyCapsule_GetPointer(cap, CORE_NAME);
+    if (!c->core)
+        return 0;
+    if (bits4 <= 0 || bits4 >= 40 || bits6 <= 0 || bits6 >= 40) {
+        PyErr_SetString(PyExc_ValueError, "_accel_anon.rewrite: cache bits out of range");
+        return 0;
+    }
+    if (!need(&t[0], (Py_ssize_t)4 << bits4, 4, "k4") || !need(&t[1], (Py_ssize_t)4 << bits4, 4, "v4") ||
+        !need(&t[2], (Py_ssize_t)1 << bits4, 1, "f4") || !need(&t[3], (Py_ssize_t)16 << bits6, 1, "k6") ||
+        !need(&t[4], (Py_ssize_t)16 << bits6, 1, "v6") || !need(&t[5], (Py_ssize_t)1 << bits6, 1, "f6"))
+        return 0;
+    c->ck4 = t[0].buf, c->cv4 = t[1].buf, c->cf4 = t[2].buf, c->cbits4 = bits4;
+    c->ck6 = t[3].buf, c->cv6 = t[4].buf, c->cf6 = t[5].buf, c->cbits6 = bits6;
+    c->recompute = recompute;
+    c->memo4 = c->core->memo4;
+    c->memo6 = c->core->memo6;
+    return 1;
+}
+
+/* The counters of a walk as a tuple (and the malformed count where rewrite_records parsed). */
+static PyObject *walk_result(const Ctx *c, const int64_t *malformed)
+{
+    if (c->cryptofail) {
+        PyErr_SetString(PyExc_RuntimeError, "_accel_anon.rewrite: AES failed");
+        return NULL;
+    }
+    PyObject *t = Py_BuildValue("(LLLLLLL)", (long long)c->anonymized, (long long)c->not_anonymized,
+                                (long long)c->corrected, (long long)c->offload, (long long)c->truncated,
+                                (long long)c->miss4, (long long)c->miss6);
+    if (t && malformed) {
+        PyObject *m = Py_BuildValue("(L)", (long long)*malformed);
+        PyObject *both = m ? PySequence_Concat(t, m) : NULL;
+        Py_XDECREF(m);
+        Py_SETREF(t, both);
+    }
+    return t;
+}
+
 /* rewrite(core, k4, v4, f4, bits4, k6, v6, f6, bits6, <the 14 packet arguments>, recompute): the
  * apply walk in one pass, every image taken from (or computed into) cryptopan.py's caches. */
 static PyObject *rewrite(PyObject *self, PyObject *args)
@@ -943,31 +1024,57 @@ static PyObject *rewrite(PyObject *self, PyObject *args)
     PyObject *res = NULL;
     Ctx c;
     memset(&c, 0, sizeof c);
+    Arrays a;
     Py_ssize_t n;
-    c.core = PyCapsule_GetPointer(cap, CORE_NAME);
-    if (!c.core || !packet_args(&c, b, &n))
+    if (!cache_args(&c, cap, &b[14], bits4, bits6, recompute) || !packet_args(&c, &a, b, &n))
         goto done;
-    if (bits4 <= 0 || bits4 >= 40 || bits6 <= 0 || bits6 >= 40) {
-        PyErr_SetString(PyExc_ValueError, "_accel_anon.rewrite: cache bits out of range");
+    walk(&c, &a, n);
+    res = walk_result(&c, NULL);
+done:
+    for (int j = 0; j < NB; j++)
+        if (b[j].obj)
+            PyBuffer_Release(&b[j]);
+    return res;
+}
+
+/* rewrite_records(core, k4, v4, f4, bits4, k6, v6, f6, bits6, buf, off, caplen, wirelen, linktype,
+ * recompute): parse (_parse_packet.h) and rewrite every packet of the batch in one pass, without
+ * the Headers arrays; rewrite's counters plus the count of malformed packets. None, with nothing
+ * written, where parse.parse_c would not take the batch (a link type it does not know, a packet
+ * outside buf): the caller then parses and rewrites the usual way. */
+static PyObject *rewrite_records(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cap;
+    int recompute, bits4, bits6;
+    long linktype;
+    enum { NB = 10 }; /* t[0..5]: the cache tables; then buf, off, caplen, wirelen */
+    Py_buffer b[NB];
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "Ow*w*w*iw*w*w*iw*y*y*y*lp:rewrite_records", &cap, &b[0], &b[1], &b[2], &bits4,
+                          &b[3], &b[4], &b[5], &bits6, &b[6], &b[7], &b[8], &b[9], &linktype, &recompute))
+        return NULL;
+    PyObject *res = NULL;
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    if (!cache_args(&c, cap, b, bits4, bits6, recompute))
+        goto done;
+    Py_ssize_t n = b[7].len / 8;
+    if (!need(&b[7], 8 * n, 8, "off") || !need(&b[8], 8 * n, 8, "caplen") || !need(&b[9], 8 * n, 8, "wirelen"))
+        goto done;
+    c.buf = b[6].buf;
+    c.blen = b[6].len;
+    const int64_t *off = b[7].buf, *caplen = b[8].buf, *wirelen = b[9].buf;
+    int take = pp_supported_linktype(linktype);
+    for (Py_ssize_t i = 0; i < n && take; i++)
+        take = pp_inside(c.blen, off[i], caplen[i]);
+    if (!take) {
+        res = Py_NewRef(Py_None);
         goto done;
     }
-    if (!need(&b[14], (Py_ssize_t)4 << bits4, 4, "k4") ||
-        !need(&b[15], (Py_ssize_t)4 << bits4, 4, "v4") || !need(&b[16], (Py_ssize_t)1 << bits4, 1, "f4") ||
-        !need(&b[17], (Py_ssize_t)16 << bits6, 1, "k6") || !need(&b[18], (Py_ssize_t)16 << bits6, 1, "v6") ||
-        !need(&b[19], (Py_ssize_t)1 << bits6, 1, "f6"))
-        goto done;
-    c.ck4 = b[14].buf, c.cv4 = b[15].buf, c.cf4 = b[16].buf, c.cbits4 = bits4;
-    c.ck6 = b[17].buf, c.cv6 = b[18].buf, c.cf6 = b[19].buf, c.cbits6 = bits6;
-    c.recompute = recompute;
-    c.memo4 = c.core->memo4;
-    c.memo6 = c.core->memo6;
-    walk(&c, n);
-    if (c.cryptofail)
-        PyErr_SetString(PyExc_RuntimeError, "_accel_anon.rewrite: AES failed");
-    else
-        res = Py_BuildValue("(LLLLLLL)", (long long)c.anonymized, (long long)c.not_anonymized,
-                            (long long)c.corrected, (long long)c.offload, (long long)c.truncated,
-                            (long long)c.miss4, (long long)c.miss6);
+    int64_t malformed = 0;
+    walk_records(&c, off, caplen, wirelen, n, linktype, &malformed);
+    res = walk_result(&c, &malformed);
 done:
     for (int j = 0; j < NB; j++)
         if (b[j].obj)
@@ -1042,6 +1149,10 @@ static PyMethodDef methods[] = {
      "l4, iplen, src4, dst4, src6, dst6, recompute) -> (packets_anonymized, not_anonymized, checksums_corrected, "
      "offload_checksums, addresses_truncated, new4, new6): the apply walk in one pass, images from CryptoPAn's "
      "caches, computed and cached on a miss."},
+    {"rewrite_records", rewrite_records, METH_VARARGS,
+     "rewrite_records(core, k4, v4, f4, bits4, k6, v6, f6, bits6, buf, off, caplen, wirelen, linktype, recompute) "
+     "-> rewrite's counters + (malformed,), or None where the batch is not one the C parser takes: every packet "
+     "parsed and rewritten in one pass, without the Headers arrays."},
     {"lookup", lookup, METH_VARARGS,
      "lookup(family, keys, k, v, f, bits, out, miss) -> misses: CryptoPAn's direct-mapped cache looked up for "
      "every key; hits written to out, the indices of the others to miss."},

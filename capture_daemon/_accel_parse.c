@@ -12,9 +12,8 @@
  * does not take (unsupported link type, a packet outside buf): the caller then runs the numpy
  * reference, which gives the reference's answer (or exception) for it.
  *
- * Semantics are parse.parse_numpy's, field by field. Every byte read is inside its packet
- * (off <= pos, pos + width <= off + caplen) and the packet inside buf (checked per packet
- * before anything is read), so hostile packets cannot make it read out of bounds.
+ * Semantics are parse.parse_numpy's, field by field; each packet is read by _parse_packet.h
+ * (shared with _accel_anon.c), which never reads outside the packet or the buffer.
  * Only the CPython C API and the buffer protocol: no numpy headers.
  */
 #define PY_SSIZE_T_CLEAN
@@ -22,12 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum {
-    DLT_NULL = 0, DLT_EN10MB = 1, DLT_RAW_BSD = 12, DLT_RAW_OBSD = 14, LINKTYPE_RAW = 101,
-    DLT_LOOP = 108, DLT_LINUX_SLL = 113, DLT_IPV4 = 228, DLT_IPV6 = 229, DLT_LINUX_SLL2 = 276,
-};
-enum { ETH_IPV4 = 0x0800, ETH_IPV6 = 0x86DD, ETH_ARP = 0x0806 };
-enum { MAX_VLAN_TAGS = 4, MAX_IPV6_EXT_HEADERS = 8 };
+#include "_parse_packet.h"
 
 enum {
     F_ETHERTYPE, F_L3, F_IPVER, F_VLAN, F_PROTO, F_L4, F_FRAG_LATER, F_SPORT, F_DPORT, F_TCPFLAGS,
@@ -56,190 +50,30 @@ typedef struct {
     uint8_t *malformed;
 } Out;
 
-/* int64 addition/subtraction that wraps like numpy's instead of being undefined */
-static inline int64_t wadd(int64_t a, int64_t b) { return (int64_t)((uint64_t)a + (uint64_t)b); }
-static inline int64_t wsub(int64_t a, int64_t b) { return (int64_t)((uint64_t)a - (uint64_t)b); }
-
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-static inline uint32_t be32(const uint8_t *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
-}
-static inline int is_vlan_tpid(unsigned et) { return et == 0x8100 || et == 0x88A8 || et == 0x9100; }
-static inline int is_ipv6_ext(unsigned nh) {
-    return nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51 || nh == 135;
-}
-static inline int is_port_proto(unsigned p) { return p == 6 || p == 17 || p == 132 || p == 136; }
-
-static int supported_linktype(long lt) {
-    switch (lt) {
-    case DLT_NULL: case DLT_EN10MB: case DLT_RAW_BSD: case DLT_RAW_OBSD: case LINKTYPE_RAW:
-    case DLT_LOOP: case DLT_LINUX_SLL: case DLT_IPV4: case DLT_IPV6: case DLT_LINUX_SLL2:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
-/* Parse packets 0..n-1. Returns 0, or -1 (nothing reliable written) when a packet lies
- * outside buf. */
+/* Parse packets 0..n-1 (the per-packet step is _parse_packet.h's). Returns 0, or -1 (nothing
+ * reliable written) when a packet lies outside buf. */
 static int parse_all(const uint8_t *buf, int64_t buflen, const int64_t *offs, const int64_t *caplens,
                      const int64_t *wirelens, Py_ssize_t n, long lt, const Out *out) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        const int64_t o = offs[i], c = caplens[i], w = wirelens[i];
-        /* The packet must lie inside buf. A negative caplen is harmless (nothing is ever in
-         * range then), but o itself must be sane so that o + small constants cannot wrap. */
-        if (o < 0 || o > buflen || c > buflen - o)
+        PpHeaders h;
+        if (pp_parse(buf, buflen, offs[i], caplens[i], wirelens[i], lt, &h, out->src6 + (size_t)i * 16,
+                     out->dst6 + (size_t)i * 16) < 0)
             return -1;
-        const int64_t e = o + c; /* no overflow: o >= 0 and c <= buflen - o */
-        /* pos..pos+width-1 captured (pos >= o >= 0 and pos + width <= e <= buflen) */
-#define OK(pos, width) ((pos) >= o && (pos) <= e - (width))
-        int32_t vlan = -1;
-        unsigned et;
-        int64_t l3;
-        int short_link;
-
-        switch (lt) {
-        case DLT_EN10MB:
-        case DLT_LINUX_SLL: {
-            int64_t pos = o + (lt == DLT_EN10MB ? 12 : 14);
-            short_link = !OK(pos, 2);
-            et = short_link ? 0 : be16(buf + pos);
-            pos += 2;
-            for (int k = 0; k < MAX_VLAN_TAGS; k++) {
-                if (!(is_vlan_tpid(et) && OK(pos, 4)))
-                    break;
-                if (vlan < 0)
-                    vlan = (int32_t)(be16(buf + pos) & 0x0FFF);
-                et = be16(buf + pos + 2);
-                pos += 4;
-            }
-            l3 = pos;
-            break;
-        }
-        case DLT_LINUX_SLL2:
-            et = OK(o, 2) ? be16(buf + o) : 0;
-            l3 = o + 20;
-            short_link = !OK(o, 20);
-            break;
-        case DLT_NULL:
-        case DLT_LOOP: {
-            uint32_t raw = OK(o, 4) ? be32(buf + o) : 0;
-            if (lt == DLT_NULL && raw > 0xFFFF) /* host byte order of the capturing machine */
-                raw = ((raw & 0xFFu) << 24) | ((raw & 0xFF00u) << 8) | ((raw >> 8) & 0xFF00u) | (raw >> 24);
-            et = raw == 2 ? ETH_IPV4 : (raw == 10 || raw == 24 || raw == 28 || raw == 30) ? ETH_IPV6 : 0;
-            l3 = o + 4;
-            short_link = !OK(o, 4);
-            break;
-        }
-        default: { /* the raw IP link types */
-            unsigned version = OK(o, 1) ? (unsigned)(buf[o] >> 4) : 0;
-            et = version == 4 ? ETH_IPV4 : version == 6 ? ETH_IPV6 : 0;
-            l3 = o;
-            short_link = 0;
-            break;
-        }
-        }
-        int malformed = short_link && w > 0;
-
-        const int et4 = et == ETH_IPV4, et6 = et == ETH_IPV6;
-        const int ip_claimed = et4 || et6;
-        const unsigned first = OK(l3, 1) ? buf[l3] : 0; /* only used where l3 is captured */
-        const unsigned version = first >> 4;
-        if (ip_claimed && OK(l3, 1) && ((et4 && version != 4) || (et6 && version != 6)))
-            malformed = 1;
-        const int64_t wire_end = wadd(o, w);
-        if ((et4 && wadd(l3, 20) > wire_end) || (et6 && wadd(l3, 40) > wire_end))
-            malformed = 1;
-        int is4 = et4 && OK(l3, 20) && version == 4;
-        const int is6 = et6 && OK(l3, 40) && version == 6;
-
-        unsigned proto = 0, tos = 0;
-        int frag_later = 0;
-        uint32_t src4 = 0, dst4 = 0;
-        int64_t l4 = -1, iplen = 0;
-        if (is4) {
-            const int64_t ihl = (int64_t)(first & 0x0F) * 4;
-            const int64_t total4 = be16(buf + l3 + 2);
-            if (ihl < 20 || total4 < ihl) {
-                malformed = 1;
-                is4 = 0;
-            } else {
-                frag_later = (be16(buf + l3 + 6) & 0x1FFF) != 0;
-                proto = buf[l3 + 9];
-                tos = buf[l3 + 1];
-                src4 = be32(buf + l3 + 12);
-                dst4 = be32(buf + l3 + 16);
-                if (!frag_later)
-                    l4 = l3 + ihl;
-                iplen = total4;
-            }
-        }
-        uint8_t *s6 = out->src6 + (size_t)i * 16, *d6 = out->dst6 + (size_t)i * 16;
-        if (is6) {
-            memcpy(s6, buf + l3 + 8, 16);
-            memcpy(d6, buf + l3 + 24, 16);
-            tos = (unsigned)((be16(buf + l3) >> 4) & 0xFF);
-            const int64_t plen6 = be16(buf + l3 + 4);
-            iplen = plen6 == 0 ? wsub(w, l3 - o) : plen6 + 40;
-            unsigned nh = buf[l3 + 6];
-            int64_t pos = l3 + 40;
-            for (int k = 0; k < MAX_IPV6_EXT_HEADERS; k++) {
-                if (!is_ipv6_ext(nh) || !OK(pos, 8))
-                    break; /* an unreadable header stays the final protocol, l4 points at it */
-                const unsigned nxt = buf[pos];
-                const int64_t hlen_byte = buf[pos + 1];
-                int later = 0;
-                int64_t hlen;
-                if (nh == 44) {
-                    later = (be16(buf + pos + 2) >> 3) != 0;
-                    hlen = 8;
-                } else if (nh == 51) {
-                    hlen = (hlen_byte + 2) * 4;
-                } else {
-                    hlen = (hlen_byte + 1) * 8;
-                }
-                frag_later |= later;
-                nh = nxt;
-                pos += hlen;
-                if (later)
-                    break;
-            }
-            proto = nh;
-            l4 = frag_later ? -1 : pos;
-        } else {
-            memset(s6, 0, 16);
-            memset(d6, 0, 16);
-        }
-        /* Where the L4 header does not start inside the capture, there is none to look at. */
-        if (!OK(l4, 1))
-            l4 = -1;
-        unsigned sport = 0, dport = 0, tcpflags = 0;
-        if (l4 >= 0) {
-            if (is_port_proto(proto) && OK(l4, 4)) {
-                sport = be16(buf + l4);
-                dport = be16(buf + l4 + 2);
-            }
-            if (((proto == 1 && is4) || (proto == 58 && is6)) && OK(l4, 2))
-                dport = be16(buf + l4);
-            if (proto == 6 && OK(l4, 14))
-                tcpflags = buf[l4 + 13];
-        }
-#undef OK
-        out->ethertype[i] = (uint16_t)et;
-        out->l3[i] = (ip_claimed || et == ETH_ARP) ? l3 : -1;
-        out->ipver[i] = is4 ? 4 : is6 ? 6 : 0;
-        out->vlan[i] = vlan;
-        out->proto[i] = (uint8_t)proto;
-        out->l4[i] = l4;
-        out->frag_later[i] = (uint8_t)frag_later;
-        out->sport[i] = (uint16_t)sport;
-        out->dport[i] = (uint16_t)dport;
-        out->tcpflags[i] = (uint8_t)tcpflags;
-        out->tos[i] = (uint8_t)tos;
-        out->iplen[i] = iplen;
-        out->src4[i] = src4;
-        out->dst4[i] = dst4;
-        out->malformed[i] = (uint8_t)malformed;
+        out->ethertype[i] = (uint16_t)h.ethertype;
+        out->l3[i] = h.l3;
+        out->ipver[i] = (uint8_t)h.ipver;
+        out->vlan[i] = h.vlan;
+        out->proto[i] = (uint8_t)h.proto;
+        out->l4[i] = h.l4;
+        out->frag_later[i] = (uint8_t)h.frag_later;
+        out->sport[i] = (uint16_t)h.sport;
+        out->dport[i] = (uint16_t)h.dport;
+        out->tcpflags[i] = (uint8_t)h.tcpflags;
+        out->tos[i] = (uint8_t)h.tos;
+        out->iplen[i] = h.iplen;
+        out->src4[i] = h.src4;
+        out->dst4[i] = h.dst4;
+        out->malformed[i] = (uint8_t)h.malformed;
     }
     return 0;
 }
@@ -275,7 +109,7 @@ static PyObject *py_parse(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "parse: expected %d output buffers", (int)N_FIELDS);
         return NULL;
     }
-    if (!supported_linktype(lt))
+    if (!pp_supported_linktype(lt))
         Py_RETURN_FALSE;
 
     Py_buffer vbuf, voff, vcap, vwire, vout[N_FIELDS];

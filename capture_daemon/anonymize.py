@@ -54,6 +54,7 @@ import numpy as np
 
 from . import checksum as ck
 from .cryptopan import CryptoPAn
+from .parse import c_columns
 
 try:  # the C accelerator (capture_daemon/_accel_anon.c), built by setup.py build_ext
     from . import _accel_anon
@@ -178,6 +179,41 @@ class Anonymizer:
             self._recompute_whole(buf, whole)
         self.packets_anonymized += int(touched.sum())
 
+    def apply_parsing(self, batch) -> int | None:
+        """Parse and anonymize every packet of the batch in one C pass, without the Headers
+        arrays (_accel_anon.c rewrite_records, reading each packet with _parse_packet.h, the C
+        parser's own per-packet code): the same bytes and counters as parse() then apply(), for
+        a pipeline whose output never reads the headers (pcap, counts). Returns the number of
+        malformed packets parse() would have found; None, having written nothing, where this
+        pass does not apply (the accelerator not built, a batch the C parser does not take):
+        the caller then parses and applies as usual.
+
+        Why: the Headers arrays of a batch (17 per packet, ~80 bytes) were written by the parse
+        and read back by the rewrite; one pass reads each packet's header bytes once, while
+        they are in the CPU's cache (docs/PERFORMANCE.md)."""
+        if not self.accelerated or len(batch) == 0:
+            return None
+        cols = c_columns(batch)
+        if cols is None:
+            return None
+        buf, off, caplen, wirelen, linktype = cols
+        if buf is not batch.buf or not buf.flags.writeable:
+            return None  # the rewrite must land in the batch's own buffer
+        res = _accel_anon.rewrite_records(self.cp.core, *self.cp.cache_tables(), buf, off, caplen, wirelen,
+                                          linktype, self.recompute_whole)
+        if res is None:
+            return None
+        touched, not_anon, corrected, offload, truncated, _, _, malformed = res
+        self._count(touched, not_anon, corrected, offload, truncated)
+        return malformed
+
+    def _count(self, touched, not_anon, corrected, offload, truncated) -> None:
+        self.packets_anonymized += touched
+        self.not_anonymized += not_anon
+        self.checksums_corrected += corrected
+        self.offload_checksums += offload
+        self.addresses_truncated += truncated
+
     # --- the C accelerator: same bytes and counters, packet by packet -----------------------
     def _apply_c(self, batch, h, sel) -> None:
         """One C pass over the selected packets (capture_daemon/_accel_anon.c rewrite): it
@@ -194,11 +230,7 @@ class Anonymizer:
             c(h.l3, i64), c(h.ipver, np.uint8), c(h.ethertype, np.uint16), c(h.proto, np.uint8),
             c(h.l4, i64), c(h.iplen, i64), c(h.src4, np.uint32), c(h.dst4, np.uint32),
             c(h.src6, np.uint8), c(h.dst6, np.uint8), self.recompute_whole)
-        self.packets_anonymized += touched
-        self.not_anonymized += not_anon
-        self.checksums_corrected += corrected
-        self.offload_checksums += offload
-        self.addresses_truncated += truncated
+        self._count(touched, not_anon, corrected, offload, truncated)
 
     # --- IPv4: the common path, vectorized over the batch -------------------------------
     def _ipv4(self, buf, h, idx, e, whole):

@@ -264,12 +264,11 @@ def _int64_column(a):
     return np.ascontiguousarray(a)
 
 
-def parse_c(batch: Batch) -> Headers | None:
-    """parse_numpy's Headers from the C accelerator; None when it is not built or the batch is
-    one it does not take (unusual dtypes or shapes, an unsupported link type, packets outside
-    the buffer), which parse() then hands to the numpy reference."""
-    if _accel_parse is None:
-        return None
+def c_columns(batch: Batch):
+    """(buf, off, caplen, wirelen, linktype) of the batch as the C parser takes them (uint8 and
+    contiguous int64 arrays, a supported link type), or None for a batch it does not take
+    (unusual dtypes or shapes, an unsupported link type). Shared by parse_c and the
+    anonymizer's one-pass parse and rewrite (Anonymizer.apply_parsing)."""
     buf = batch.buf
     if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
         return None
@@ -282,9 +281,21 @@ def parse_c(batch: Batch) -> Headers | None:
         return None
     if linktype not in SUPPORTED_LINKTYPES:
         return None
-    n = len(off)
+    return np.ascontiguousarray(buf), off, caplen, wirelen, linktype
+
+
+def parse_c(batch: Batch) -> Headers | None:
+    """parse_numpy's Headers from the C accelerator; None when it is not built or the batch is
+    one it does not take (see c_columns; or packets outside the buffer), which parse() then
+    hands to the numpy reference."""
+    if _accel_parse is None:
+        return None
+    cols = c_columns(batch)
+    if cols is None:
+        return None
+    n = len(cols[1])
     outs = tuple(np.empty((n,) + shape, dtype=dtype) for _, dtype, shape in _HEADER_DTYPES)
-    if not _accel_parse.parse(np.ascontiguousarray(buf), off, caplen, wirelen, linktype, outs):
+    if not _accel_parse.parse(*cols, outs):
         return None
     return Headers(*outs)
 

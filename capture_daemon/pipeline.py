@@ -62,7 +62,8 @@ class Pipeline:
         self.guard = SpoolGuard(settings.output_dir, settings.spool_quota_bytes)
         # Headers are parsed only where something reads them (anonymization, flows); a plain
         # pcap copy or counts never look inside packets, and report malformed_packets: null.
-        self.inspect_headers = anonymizer is not None or getattr(output, "needs_headers", True)
+        self.output_reads_headers = getattr(output, "needs_headers", True)
+        self.inspect_headers = anonymizer is not None or self.output_reads_headers
         self.last_stats = 0.0
         self.last_status = 0.0
         self.now = None
@@ -148,13 +149,18 @@ class Pipeline:
                 self._suspend("quota")
             self.totals["packets_unwritten"] += len(sub)
             return
-        headers = None
-        if self.inspect_headers:
-            headers = parse(sub)
-            self._count(of, "malformed_packets", int(np.count_nonzero(headers.malformed)))
+        headers = malformed = None
         if self.anonymizer is not None:
             sub.make_writable()
-            self.anonymizer.apply(sub, headers, np.ones(len(sub), dtype=bool))
+            if not self.output_reads_headers:  # parsed and anonymized in one pass
+                malformed = self.anonymizer.apply_parsing(sub)
+        if malformed is None and self.inspect_headers:
+            headers = parse(sub)
+            malformed = int(np.count_nonzero(headers.malformed))
+            if self.anonymizer is not None:
+                self.anonymizer.apply(sub, headers, np.ones(len(sub), dtype=bool))
+        if malformed is not None:
+            self._count(of, "malformed_packets", malformed)
         self._write(sub, headers)
 
     def _write(self, sub: Batch, headers) -> None:
