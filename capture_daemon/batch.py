@@ -53,6 +53,28 @@ class Batch:
         """
         return self.ts_sec + self.ts_usec * 1e-6
 
+    def time_at(self, i: int) -> float:
+        """Packet i's time, as times[i] (the same float arithmetic), without computing times."""
+        if "times" in self.__dict__:
+            return float(self.times[i])
+        return float(self.ts_sec[i] + self.ts_usec[i] * 1e-6)
+
+    def first_at_or_after(self, t: float, start: int = 0) -> int:
+        """The index of the first packet from start on whose time is >= t, len(self) if none.
+
+        A file boundary lies ahead of nearly every batch: then no packet can reach it, which the
+        largest seconds and microseconds show (times rounds monotonically, so no packet's time
+        exceeds that bound) without the times array (~2 % of an anonymized copy's CPU)."""
+        n = len(self)
+        if start >= n:
+            return n
+        if "times" not in self.__dict__:
+            bound = self.ts_sec[start:].max() + self.ts_usec[start:].max() * 1e-6
+            if float(bound) < t:
+                return n
+        later = np.flatnonzero(self.times[start:] >= t)
+        return start + int(later[0]) if len(later) else n
+
     def make_writable(self) -> None:
         """Give the batch its own writable buffer (anonymization rewrites packets in place)."""
         if not self.buf.flags.writeable:

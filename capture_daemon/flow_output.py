@@ -96,7 +96,7 @@ class FlowOutput:
             f.write(msg)
             self._file["messages"] += 1
 
-    def observe(self, times, wirelen) -> None:
+    def observe(self, batch) -> None:
         """Every observed packet, before sampling: flows only meter what was kept."""
 
     def add(self, batch, headers, keep: np.ndarray) -> None:

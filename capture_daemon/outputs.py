@@ -90,7 +90,7 @@ class PcapOutput:
     def record_sizes(self, batch: Batch) -> np.ndarray:
         return batch.caplen + PCAP_RECORD_HEADER_BYTES
 
-    def observe(self, times, wirelen) -> None:
+    def observe(self, batch: Batch) -> None:
         pass
 
     def add(self, batch: Batch, headers, keep: np.ndarray | None = None) -> None:
@@ -167,8 +167,8 @@ class CountsOutput:
             row[column] += p
             row[column + 1] += int(b)
 
-    def observe(self, times, wirelen) -> None:
-        self._accumulate(times, wirelen, 0)
+    def observe(self, batch: Batch) -> None:
+        self._accumulate(batch.times, batch.wirelen, 0)
 
     def add(self, batch: Batch, headers, keep: np.ndarray | None = None) -> None:
         times, wirelen = batch.times, batch.wirelen

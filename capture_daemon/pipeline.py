@@ -104,11 +104,10 @@ class Pipeline:
         return self.totals
 
     def _process(self, batch: Batch) -> None:
-        times = batch.times
         start = 0
         n = len(batch)
         while start < n:
-            t0 = float(times[start])
+            t0 = batch.time_at(start)
             if self.suspended:
                 self._try_resume(t0)
             if self.current is None and not self.suspended:
@@ -116,14 +115,14 @@ class Pipeline:
             if self.current is None:
                 stop = n  # writing is suspended: the rest is counted, not written
             else:
-                later = np.nonzero(times[start:] >= self.boundary)[0]
-                stop = start + int(later[0]) if len(later) else n
+                stop = batch.first_at_or_after(self.boundary, start)
                 if stop == start:  # a packet at or past the boundary: rotate first
                     self._rotate(self.boundary, t0)
                     continue
             self._process_segment(batch, start, stop)
             start = stop
-        self.now = float(times[-1]) if self.now is None else max(self.now, float(times[-1]))
+        last = batch.time_at(n - 1)
+        self.now = last if self.now is None else max(self.now, last)
 
     def _process_segment(self, batch: Batch, start: int, stop: int) -> None:
         seg = batch.slice(start, stop)
@@ -132,11 +131,10 @@ class Pipeline:
         bytes_obs = int(seg.wirelen.sum())
         self._count(of, "packets_observed", n_obs)
         self._count(of, "bytes_observed", bytes_obs)
-        self.output.observe(seg.times, seg.wirelen)
-        t = seg.times
+        self.output.observe(seg)
         if of is not None:
-            of.first_packet = float(t[0]) if of.first_packet is None else of.first_packet
-            of.last_packet = float(t[-1])
+            of.first_packet = seg.time_at(0) if of.first_packet is None else of.first_packet
+            of.last_packet = seg.time_at(n_obs - 1)
 
         keep = self.sampler.select(n_obs)
         sub = seg if keep is None else seg.take(keep)

@@ -27,7 +27,7 @@ def test_a_packet_stamped_at_time_zero_gets_its_own_row_not_decades_of_zero_rows
     c.start_file(f, 1000.0)  # (the capture found this with 1.7e9 s: MemoryError)
     b = from_packets([UDP] * 3)
     b.ts_sec = np.array([1000, 0, 1002])
-    c.observe(b.times, b.wirelen)
+    c.observe(b)
     c.add(b, None)
     meta = c.end_file(1003.0, final=True)
     rows = _rows(f)

@@ -139,7 +139,7 @@ def test_millions_of_mutated_packets_through_the_capture_path(pools, tmp_path):
                 for j in range(2):
                     batch = mutated_batch(pools[lt], lt, BATCH, rng, 1000.0 + 3 * j + k, wild_times=1e-4)
                     figures["packets_fuzzed"] += len(batch)
-                    counts.observe(batch.times, batch.wirelen)
+                    counts.observe(batch)
                     keep = sampler.select(len(batch))
                     sub = batch if keep is None else batch.take(keep)
                     h = parse(sub)
