@@ -21,7 +21,8 @@ from .batch import Batch
 from .parse import parse
 from .source import PcapSource, libpcap_version
 from .recovery import recover_one, recover_spool
-from .spool import OpenFile, Spool, SpoolGuard, is_space_error, utc_iso
+from .spool import (LIVE_BACKLOG_BYTES, OFFLINE_BACKLOG_BYTES, OpenFile, Spool, SpoolGuard, is_space_error,
+                    utc_iso)
 
 log = logging.getLogger("gims-capture")
 
@@ -49,7 +50,8 @@ class Pipeline:
         self.status_sink = status_sink
         self.fanout = fanout
         self.torn: list[tuple[str, str]] = []  # (temp path, final name) this process detached
-        self.spool = Spool(settings.output_dir, settings.experiment, settings.site, output.ext)
+        self.spool = Spool(settings.output_dir, settings.experiment, settings.site, output.ext,
+                           LIVE_BACKLOG_BYTES if source.live else OFFLINE_BACKLOG_BYTES)
         self.current: OpenFile | None = None
         self.boundary = math.inf
         self.totals = dict.fromkeys(COUNTER_NAMES, 0)
@@ -418,7 +420,8 @@ class Pipeline:
         if self.status_sink is not None:
             self.status_sink(state, self.counters())
             return
-        self.spool.write_status(dict(self.counters(), state=state, experiment=self.s.experiment))
+        self.spool.write_status(dict(self.counters(), state=state, experiment=self.s.experiment),
+                                wait=state != "running")
 
     def _static_metadata(self) -> dict:
         s = self.s

@@ -29,24 +29,33 @@ DIRECT_ALIGN = 4096           # O_DIRECT offsets and lengths: a multiple of ever
 DIRECT_IDLE_FLUSH = 256 << 10  # staged bytes written out when the writer has caught up (see
                                # DirectWriter.caught_up: about what the capture thread holds
                                # back itself before a hand-over, HashingFile.HANDOVER_BYTES)
+# Bytes handed to a file's writer thread and not yet written, before write() waits for it
+# (HashingFile.backlog_bytes). Reading a savefile, waiting costs nothing but time, so a few
+# batches suffice and memory stays small. A live capture cannot wait: while write() waits the
+# capture is not read, and once the kernel's buffer is full packets are dropped. With O_DIRECT
+# nothing between the capture and the disk absorbs a disk that stalls for a moment (the page
+# cache did that for buffered writes), so a live capture keeps up to this much in memory.
+OFFLINE_BACKLOG_BYTES = 8 << 20
+LIVE_BACKLOG_BYTES = 128 << 20
 
 
 class HashingFile:
     """A binary file written and hashed (sha256) by a writer thread of its own.
 
     hashlib and file writes release the GIL on large buffers, so hashing and writing run
-    on the second core while the capture loop prepares the next batch. Writes are queued
-    (a few batches deep, so memory stays bounded); an error in the thread (ENOSPC) is raised
-    by the next write() or by finish(). Small writes (a live capture's batches of a few
+    on the second core while the capture loop prepares the next batch. Writes are queued up
+    to backlog_bytes not yet written (memory stays bounded; see OFFLINE_BACKLOG_BYTES and
+    LIVE_BACKLOG_BYTES), then write() waits for the thread; an error in the thread (ENOSPC) is
+    raised by the next write() or by finish(). Small writes (a live capture's batches of a few
     hundred packets) are gathered to HANDOVER_BYTES before they go to the thread: one hand-over
     per batch cost a thread wake-up and GIL switch each, ~15 % of a live capture's CPU.
     """
 
-    QUEUE_DEPTH = 4
     HANDOVER_BYTES = 256 << 10
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, backlog_bytes: int = OFFLINE_BACKLOG_BYTES):
         self.path = path
+        self.backlog_bytes = backlog_bytes
         # Unbuffered: writes arrive gathered (HANDOVER_BYTES) and go out in WRITE_PIECE_BYTES;
         # a BufferedWriter copied every piece into its own buffer first (one more copy of every
         # output byte).
@@ -56,7 +65,9 @@ class HashingFile:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._error: OSError | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_DEPTH)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued_bytes = 0     # handed over, not yet written (guarded by _room)
+        self._room = threading.Condition()
         self._held: list = []      # small writes not handed to the thread yet
         self._held_bytes = 0
         self._thread = threading.Thread(target=self._drain, name="gims-writer", daemon=True)
@@ -67,21 +78,24 @@ class HashingFile:
             data = self._queue.get()
             if data is None:
                 return
-            if self._error is not None:
-                continue
+            view = memoryview(data).cast("B")
             try:
-                view = memoryview(data).cast("B")
-                # In pieces: a write() of several MiB costs the kernel ~7x the CPU of the
-                # same bytes in 1 MiB writes (measured on ext4, docs/PERFORMANCE.md), and a
-                # piece hashed then written (or staged) stays in the CPU cache between the two.
-                for start in range(0, len(view), WRITE_PIECE_BYTES):
-                    piece = view[start:start + WRITE_PIECE_BYTES]
-                    self.sha256.update(piece)
-                    self._out.write(piece)
-                if self._queue.empty():
-                    self._out.caught_up()
+                if self._error is None:
+                    # In pieces: a write() of several MiB costs the kernel ~7x the CPU of the
+                    # same bytes in 1 MiB writes (measured on ext4, docs/PERFORMANCE.md), and a
+                    # piece hashed then written (or staged) stays in the CPU cache between the two.
+                    for start in range(0, len(view), WRITE_PIECE_BYTES):
+                        piece = view[start:start + WRITE_PIECE_BYTES]
+                        self.sha256.update(piece)
+                        self._out.write(piece)
+                    if self._queue.empty():
+                        self._out.caught_up()
             except OSError as exc:
                 self._error = exc
+            finally:
+                with self._room:
+                    self._queued_bytes -= len(view)
+                    self._room.notify()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -100,7 +114,12 @@ class HashingFile:
     def _hand_over(self) -> None:
         if self._held:
             data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            n = self._held_bytes
             self._held, self._held_bytes = [], 0
+            with self._room:  # a piece larger than the whole backlog still goes, alone
+                while self._queued_bytes and self._queued_bytes + n > self.backlog_bytes:
+                    self._room.wait()
+                self._queued_bytes += n
             self._queue.put(data)
 
     def _stop(self) -> None:
@@ -343,9 +362,10 @@ def file_stamp(t: float) -> str:
 class OpenFile:
     """The file being written: its final name, temp file and per-file counters."""
 
-    def __init__(self, name: str, tmp_path: str, start_time: float):
+    def __init__(self, name: str, tmp_path: str, start_time: float,
+                 backlog_bytes: int = OFFLINE_BACKLOG_BYTES):
         self.name = name
-        self.file = HashingFile(tmp_path)
+        self.file = HashingFile(tmp_path, backlog_bytes)
         self.start_time = start_time
         self.first_packet = None
         self.last_packet = None
@@ -355,8 +375,12 @@ class OpenFile:
 
 
 class Spool:
-    def __init__(self, directory: str, experiment: str, site: str, ext: str):
+    def __init__(self, directory: str, experiment: str, site: str, ext: str,
+                 backlog_bytes: int = OFFLINE_BACKLOG_BYTES):
         self.directory = directory
+        self.backlog_bytes = backlog_bytes  # for each data file's HashingFile
+        self._status_fd: int | None = None   # .gims-status.json, open once created
+        self._status_writer: LatestOnly | None = None
         self.prefix = f"{experiment}_{site}"
         self.ext = ext
         self.files_written = 0
@@ -378,7 +402,7 @@ class Spool:
             name = self._final_name(start_time)
             tmp = os.path.join(self.directory, f".{name}.tmp")
             try:
-                return OpenFile(name, tmp, start_time)
+                return OpenFile(name, tmp, start_time, self.backlog_bytes)
             except FileExistsError:
                 continue  # another writer took this name between our check and the create
 
@@ -418,22 +442,34 @@ class Spool:
 
     STATUS_BYTES = 4096
 
-    def write_status(self, status: dict) -> None:
+    def write_status(self, status: dict, wait: bool = False) -> None:
+        """Have .gims-status.json rewritten with status (see _write_status_now).
+
+        A thread of its own writes it (LatestOnly): the capture thread only hands the newest
+        status over, so a disk that stalls does not stop the capture (a status write waiting
+        for a frozen file system held up the capture thread, and packets were dropped:
+        docs/PERFORMANCE.md). wait: return once this status is written (the last, at exit).
+        """
+        data = json.dumps(dict(status, updated=utc_iso(time.time()), pid=os.getpid()),
+                          sort_keys=True).encode()
+        if self._status_writer is None:
+            self._status_writer = LatestOnly(self._write_status_now, "gims-status")
+        self._status_writer.post(data, wait)
+
+    def _write_status_now(self, data: bytes) -> None:
         """Rewrite .gims-status.json in place, in one page-sized write.
 
         The file is created once (atomically) at a fixed size and then overwritten in
         place, so updates need no new blocks and keep working when the spool is full —
         exactly when readers most need to see the counters.
         """
-        data = json.dumps(dict(status, updated=utc_iso(time.time()), pid=os.getpid()),
-                          sort_keys=True).encode()
         path = os.path.join(self.directory, ".gims-status.json")
         try:
             if len(data) >= self.STATUS_BYTES:
                 write_json_atomic(path, json.loads(data))
                 return
             page = data.ljust(self.STATUS_BYTES - 1) + b"\n"
-            if getattr(self, "_status_fd", None) is None or not os.path.exists(path):
+            if self._status_fd is None or not os.path.exists(path):
                 tmp = os.path.join(self.directory, f".gims-status.{os.getpid()}.tmp")
                 with open(tmp, "wb") as fh:
                     fh.write(page)
@@ -443,6 +479,43 @@ class Spool:
                 os.pwrite(self._status_fd, page, 0)
         except OSError:
             pass  # best effort: STATUS= over sd_notify carries the same counters
+
+
+class LatestOnly:
+    """Hands items to a thread that writes them with write(item), newest only: an item posted
+    while an earlier one is still being written replaces any other still waiting."""
+
+    def __init__(self, write, name: str):
+        self._write = write
+        self._name = name
+        self._cv = threading.Condition()
+        self._pending = None      # the newest item not taken yet
+        self._busy = False        # an item is being written
+        self._thread: threading.Thread | None = None
+
+    def post(self, item, wait: bool = False) -> None:
+        with self._cv:
+            self._pending = item
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+            while wait and (self._pending is not None or self._busy):
+                self._cv.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None:
+                    self._cv.wait()
+                item, self._pending = self._pending, None
+                self._busy = True
+            try:
+                self._write(item)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
 
 
 def is_space_error(exc: OSError) -> bool:

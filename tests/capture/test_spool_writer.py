@@ -7,7 +7,9 @@ tmp_path is on the root file system here (ext4 in CI), which has O_DIRECT."""
 
 import errno
 import hashlib
+import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -175,3 +177,97 @@ def test_an_error_of_the_disk_thread_is_raised_by_finish_and_detach_still_closes
     w = writers[0]
     assert w.fd == -1 and not w._io.is_alive()
     assert all(stage.closed for stage in w._stages)  # the error kept no view of them alive
+
+
+def _stalled_disk(monkeypatch):
+    """Every O_DIRECT write waits until the returned event is set: a disk that stalls."""
+    release = threading.Event()
+    real_pwrite = os.pwrite
+    direct_fds = set()
+    real_open = spool.DirectWriter.open.__func__
+
+    def remember(cls, path, fd):
+        w = real_open(cls, path, fd)
+        direct_fds.add(w.fd)
+        return w
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            release.wait(30)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
+    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    return release
+
+
+def _writes_while_stalled(path, backlog, total, piece):
+    """How many bytes write() accepts within 2 s while the disk is stalled."""
+    f = spool.HashingFile(path, backlog)
+    accepted = []
+
+    def capture():
+        for _ in range(total // piece):
+            f.write(bytes(piece))
+            accepted.append(piece)
+
+    t = threading.Thread(target=capture, daemon=True)
+    t.start()
+    t.join(2)
+    return f, t, sum(accepted)
+
+
+def test_a_stalled_disk_does_not_stop_a_live_capture_before_its_backlog_is_full(tmp_path, monkeypatch):
+    """While the disk stalls, a live capture's writes still return (the capture thread goes on
+    reading the interface) until LIVE_BACKLOG_BYTES wait in memory; a savefile's reader waits
+    after OFFLINE_BACKLOG_BYTES. Nothing is lost either way once the disk comes back."""
+    release = _stalled_disk(monkeypatch)
+    piece = spool.HashingFile.HANDOVER_BYTES
+    live, live_t, live_ok = _writes_while_stalled(str(tmp_path / ".l.tmp"), spool.LIVE_BACKLOG_BYTES,
+                                                  64 << 20, piece)
+    off, off_t, off_ok = _writes_while_stalled(str(tmp_path / ".o.tmp"), spool.OFFLINE_BACKLOG_BYTES,
+                                               64 << 20, piece)
+    try:
+        assert live_ok == 64 << 20 and not live_t.is_alive()  # all of it, disk still stalled
+        # the offline writer waits once its backlog (plus the stages the thread has filled) is full
+        assert off_t.is_alive() and off_ok <= spool.OFFLINE_BACKLOG_BYTES + 2 * spool.DIRECT_STAGE_BYTES + piece
+    finally:
+        release.set()
+    off_t.join(30)
+    for f in (live, off):
+        f.finish()
+        assert os.path.getsize(f.path) == f.size == 64 << 20
+
+
+def test_a_status_write_stalled_by_the_disk_does_not_hold_up_the_capture(tmp_path, monkeypatch):
+    """The capture thread hands .gims-status.json's content to a thread of its own: with that
+    write stalled, write_status returns at once, a newer status replaces the one waiting, and
+    wait=True (the last status, at exit) returns once the newest is in the file."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+    s.write_status({"state": "running", "n": 0}, wait=True)  # creates the file (no stall yet)
+    release, entered = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd == s._status_fd:
+            entered.set()
+            release.wait(30)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    t0 = time.monotonic()
+    s.write_status({"state": "running", "n": 1})
+    assert entered.wait(5)  # the writer thread is now stuck in the write
+    for n in range(2, 50):
+        s.write_status({"state": "running", "n": n})
+    assert time.monotonic() - t0 < 1  # none of them waited for the disk
+    done = threading.Thread(target=s.write_status, args=({"state": "stopped", "n": 50},),
+                            kwargs={"wait": True})
+    done.start()
+    done.join(0.3)
+    assert done.is_alive()  # the last status waits for the disk...
+    release.set()
+    done.join(5)
+    assert not done.is_alive()
+    with open(tmp_path / ".gims-status.json") as fh:  # ...and is what the file holds after it
+        assert json.load(fh)["n"] == 50
