@@ -263,3 +263,55 @@ def test_truncated_non_ip_frames_keep_their_wire_length(tmp_path, veth, reader):
     else:
         assert [w for _, w, _ in records] == [40] * (2 * n)
         assert meta["wire_lengths_estimated"] == 2 * n and bytes_observed == 40 * 2 * n
+
+
+PACED_SENDER = r"""
+import socket, sys, time
+n, rate = int(sys.argv[1]), float(sys.argv[2])
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t0 = time.monotonic()
+for i in range(n):
+    s4.sendto(b"gims-stall-%06d" % i, ("10.201.0.1", 9999))
+    if i % 200 == 0:
+        time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+"""
+
+
+def test_a_stalled_spool_disk_loses_no_packet(tmp_path, veth):
+    """The spool's file system stops taking writes for 1.5 s (fsfreeze on an ext4 mounted
+    for this test) in the middle of a live capture whose kernel buffer holds well under that
+    much traffic: the capture thread goes on reading (data waits in the writer's memory
+    backlog, the status file's write in a thread of its own), and every packet sent is in
+    the files. Before, the capture thread waited for the frozen disk and the kernel dropped."""
+    host, ns = veth
+    need_tool("mkfs.ext4")
+    need_tool("fsfreeze")
+    image, mnt = tmp_path / "spool.img", tmp_path / "mnt"
+    mnt.mkdir()
+    sh("truncate", "-s", "256M", str(image))
+    sh("mkfs.ext4", "-q", "-F", str(image))
+    sh("mount", "-o", "loop", str(image), str(mnt))
+    try:
+        out = str(mnt / "spool")
+        # 1 MiB of kernel buffer: ~8k small frames, a fifth of a second at 40k packets/s
+        proc = start_capture(out, host, "--filter", "udp port 9999", "--buffer-bytes", str(1 << 20))
+        n, rate = 120_000, 40_000
+        sender = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PACED_SENDER, str(n), str(rate)])
+        time.sleep(1.0)
+        sh("fsfreeze", "-f", str(mnt))
+        try:
+            time.sleep(1.5)
+        finally:
+            sh("fsfreeze", "-u", str(mnt))
+        assert sender.wait(timeout=60) == 0
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        files = data_files(out)
+        written = sum(metadata(f)["packets_written"] for f in files)
+        drops = metadata(files[-1])["pcap_stats"]["ps_drop"]
+        assert (written, drops) == (n, 0)
+        assert sum(pcap_count(f) for f in files) == n
+    finally:
+        sh("fsfreeze", "-u", str(mnt), check=False)
+        sh("umount", str(mnt), check=False)
