@@ -39,6 +39,29 @@ def _write_all(path, pieces):
     return f, direct
 
 
+def _intercept_direct_writes(monkeypatch, before):
+    """Every pwrite on a DirectWriter's O_DIRECT descriptor calls before() first (which may
+    raise, as a file system that refuses, or wait, as a disk that stalls); returns the list of
+    the DirectWriters opened."""
+    writers = []
+    real_open = spool.DirectWriter.open.__func__
+    real_pwrite = os.pwrite
+
+    def remember(cls, path, fd):
+        w = real_open(cls, path, fd)
+        writers.append(w)
+        return w
+
+    def pwrite(fd, data, offset):
+        if any(w.fd == fd for w in writers):
+            before()
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
+    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    return writers
+
+
 def _check(path, f, pieces):
     expected = b"".join(bytes(p) for p in pieces)
     with open(path, "rb") as fh:
@@ -79,22 +102,10 @@ def test_a_file_system_without_o_direct_is_written_through_the_page_cache(tmp_pa
 def test_o_direct_writes_refused_after_the_open_go_the_plain_way(tmp_path, monkeypatch):
     """Some file systems accept open(O_DIRECT) and refuse the writes (EINVAL): simulated here
     (this machine's file systems take them), the file is still written whole and right."""
-    real_pwrite = os.pwrite
-    direct_fds = set()
-    real_open = spool.DirectWriter.open.__func__
+    def refuse():
+        raise OSError(errno.EINVAL, "Invalid argument")
 
-    def remember(cls, path, fd):
-        w = real_open(cls, path, fd)
-        direct_fds.add(w.fd)
-        return w
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
-    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    _intercept_direct_writes(monkeypatch, refuse)
     pieces = _pieces(np.random.default_rng(9), 11 << 20)
     path = str(tmp_path / ".e.tmp")
     f, direct = _write_all(path, pieces)
@@ -151,22 +162,10 @@ def test_an_error_of_the_disk_thread_is_raised_by_finish_and_detach_still_closes
     """The stages are written by an I/O thread of their own: its error (ENOSPC here, simulated
     on the direct descriptor) must reach the capture through write() or finish(), and detach() must still
     stop the thread and close the file."""
-    real_pwrite = os.pwrite
-    writers = []
-    real_open = spool.DirectWriter.open.__func__
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def remember(cls, path, fd):
-        w = real_open(cls, path, fd)
-        writers.append(w)
-        return w
-
-    def pwrite(fd, data, offset):
-        if writers and fd == writers[0].fd:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
-    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    writers = _intercept_direct_writes(monkeypatch, full)
     f = spool.HashingFile(str(tmp_path / ".n.tmp"))
     with pytest.raises(OSError) as err:  # from a later write(), or at the latest from finish()
         for _ in range(3):
@@ -182,22 +181,7 @@ def test_an_error_of_the_disk_thread_is_raised_by_finish_and_detach_still_closes
 def _stalled_disk(monkeypatch):
     """Every O_DIRECT write waits until the returned event is set: a disk that stalls."""
     release = threading.Event()
-    real_pwrite = os.pwrite
-    direct_fds = set()
-    real_open = spool.DirectWriter.open.__func__
-
-    def remember(cls, path, fd):
-        w = real_open(cls, path, fd)
-        direct_fds.add(w.fd)
-        return w
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            release.wait(30)
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(spool.DirectWriter, "open", classmethod(remember))
-    monkeypatch.setattr(spool.os, "pwrite", pwrite)
+    _intercept_direct_writes(monkeypatch, lambda: release.wait(30))
     return release
 
 
