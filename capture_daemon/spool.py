@@ -34,7 +34,9 @@ DIRECT_IDLE_FLUSH = 256 << 10  # staged bytes written out when the writer has ca
 # batches suffice and memory stays small. A live capture cannot wait: while write() waits the
 # capture is not read, and once the kernel's buffer is full packets are dropped. With O_DIRECT
 # nothing between the capture and the disk absorbs a disk that stalls for a moment (the page
-# cache did that for buffered writes), so a live capture keeps up to this much in memory.
+# cache did that for buffered writes), so a live capture keeps up to this much in memory
+# (only while the disk is behind; what waits there dies with the process, as what waits in
+# the kernel's capture buffer does).
 OFFLINE_BACKLOG_BYTES = 8 << 20
 LIVE_BACKLOG_BYTES = 128 << 20
 
