@@ -14,6 +14,17 @@ command as live.py.
 (raw collapsed stacks); a profiled run's CPU figure includes the profiler's disturbance.
 --batch-stats (gims only) records how many packets each next_batch call returned and how many
 each batch handed to the pipeline held, and prints their distribution.
+
+--freeze-for S [--freeze-after T] stalls the disk under the capture: the file system holding
+--workdir (which must be a mount point of its own, never /) is frozen with fsfreeze T seconds
+(default 1) after sending starts, for S seconds, then thawed; "dropped" then says what the
+stall cost. For example, on a throwaway ext4 (as docs/PERFORMANCE.md, fifth pass):
+
+    truncate -s 3G /var/tmp/fs.img && mkfs.ext4 -q -F /var/tmp/fs.img
+    mkdir -p /mnt/gfs && mount -o loop /var/tmp/fs.img /mnt/gfs
+    cp /var/tmp/gims-bench/live-v2-full-1514.pcap /var/tmp/gims-bench/bench-cryptopan.key /mnt/gfs/
+    python bench/live_cpu.py --rate 300000 --seconds 5 --workdir /mnt/gfs --freeze-after 2.5 \
+        --freeze-for 1.5 [--capturer tcpdump]
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +98,31 @@ def distribution(values: list[int]) -> str:
             f"p90 {q(0.9)}, max {nonzero[-1]}")
 
 
+@contextlib.contextmanager
+def frozen_later(mount: str, after: float, seconds: float):
+    """Freeze the file system at mount (fsfreeze) `after` seconds from now, for `seconds`; it is
+    thawed when the block ends at the latest."""
+    done = threading.Event()
+
+    def stall():
+        if done.wait(after):
+            return
+        subprocess.run(["fsfreeze", "-f", mount], check=True)
+        try:
+            done.wait(seconds)
+        finally:
+            subprocess.run(["fsfreeze", "-u", mount], check=False)
+
+    t = threading.Thread(target=stall, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()  # the stall runs its course: the capture's result includes all of it
+        done.set()
+        subprocess.run(["fsfreeze", "-u", mount], capture_output=True, check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=int, default=300_000, help="packets/s, 0: tcpreplay --topspeed")
@@ -100,11 +137,18 @@ def main() -> int:
                     help="limit the capturer to this share of one core once it captures "
                          "(bench/cpulimit.py); at a rate above what that share takes, packets "
                          "captured per second of sending measure its capacity on the budget")
+    ap.add_argument("--freeze-for", type=float, default=None, metavar="S",
+                    help="freeze the file system of --workdir (a mount point) for S seconds "
+                         "while sending: a disk that stalls")
+    ap.add_argument("--freeze-after", type=float, default=1.0, metavar="T",
+                    help="seconds after sending starts (with --freeze-for)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for gims-capture (experiments, e.g. PYTHONPATH)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
+    if a.freeze_for is not None and (os.path.realpath(a.workdir) == "/" or not os.path.ismount(a.workdir)):
+        sys.exit(f"--freeze-for needs --workdir to be a mount point of its own (not /): {a.workdir}")
     if a.gims_repo:
         peers.GIMS_REPO = os.path.abspath(a.gims_repo)
     ctx = peers.Context(trace="", packets=0, workdir=a.workdir, key_file=ensure_key(a.workdir))
@@ -149,6 +193,8 @@ def main() -> int:
                                               stderr=subprocess.DEVNULL))
         if profilers:
             time.sleep(1.0)
+        if a.freeze_for is not None:
+            stack.enter_context(frozen_later(a.workdir, a.freeze_after, a.freeze_for))
         cpu0 = cpu_seconds(p.pid)
         t0 = time.monotonic()
         sent, achieved, rargv, rerr = live._replay(veth, trace, a.rate, count)
@@ -174,6 +220,8 @@ def main() -> int:
               "minor_faults": cpu1[2] - cpu0[2], "cpu_total_s": round(total_cpu, 3),
               "us_per_packet_window": round(1e6 * cpu / sent, 3) if sent else None,
               "cpu_quota": limit.describe() if limit else None,
+              "disk_frozen": ({"after_s": a.freeze_after, "for_s": a.freeze_for}
+                              if a.freeze_for is not None else None),
               "capturer_cmd": " ".join(argv).replace(outdir, "OUT"),
               "sender_cmd": " ".join(rargv)}
     print(json.dumps(result, indent=1))
