@@ -85,6 +85,9 @@ class Pipeline:
             recovered = recover_spool(self.s.output_dir, self.spool.prefix, self.static_meta)
             self.spool.files_written += len(recovered)
         self.guard.ensure_reserve()
+        # The status file is made now, while there is room: later it is rewritten in place,
+        # which works on a full disk (Spool._write_status_now).
+        self._write_status("running", wait=True)
         if self.notifier:
             self.notifier.ready(self.status_line())
         try:
@@ -201,8 +204,10 @@ class Pipeline:
             self._rotate(t, t)
 
     def _bytes_out(self) -> int:
-        """Bytes this process put into the spool so far (committed files + the open one)."""
-        return self.spool.bytes_written + (self.current.file.size if self.current else 0)
+        """Bytes this process put into the spool so far (committed files, those being
+        committed, the open one)."""
+        return (self.spool.bytes_written + self.spool.committing_bytes
+                + (self.current.file.size if self.current else 0))
 
     def _emit(self, part: Batch, headers) -> None:
         if self.current is None:
@@ -227,14 +232,18 @@ class Pipeline:
         of, self.current = self.current, None
         if of is not None:
             of.file.detach()
-            self.torn.append((of.file.path, of.name))
-            # what this file held is now unknown past the last whole record: recovery tells
-            self.totals["packets_written"] -= of.counters["packets_written"]
-            self.totals["packets_unwritten"] += of.counters["packets_written"]
+            self._tear(of)
         self.suspended = "disk full"
         self.guard.release_reserve()
         log.error("spool %s is full: packets are counted but not written until space returns",
                   self.s.output_dir)
+
+    def _tear(self, of: OpenFile) -> None:
+        """of (detached) stays a temp file for recovery; what it held is now unknown past its
+        last whole record: recovery tells."""
+        self.torn.append((of.file.path, of.name))
+        self.totals["packets_written"] -= of.counters["packets_written"]
+        self.totals["packets_unwritten"] += of.counters["packets_written"]
 
     def _suspend(self, reason: str) -> None:
         """Close the current file cleanly and stop writing (the per-experiment quota)."""
@@ -251,6 +260,9 @@ class Pipeline:
             return
         self.last_resume_check = wall
         if self.suspended == "disk full":
+            # Files still being committed in the background end first (committed or torn):
+            # recovery must not take a temp file its committer is still writing.
+            self._collect_commits(wait=True)
             # Give the torn file its whole records and a metadata record first, so the
             # uploader can ship it and free its space. This needs only a page or two; if
             # even that fails, it is tried again a second later (recovery is idempotent).
@@ -329,6 +341,11 @@ class Pipeline:
         self.rotate_requested = False
 
     def _close_current(self, end_time: float, final: bool) -> None:
+        """Close the file being written: at a rotation it is committed in the background
+        (Spool.commit_later, outcome in _collect_commits); the last one (final) after every
+        earlier one, before this returns."""
+        if final:
+            self._collect_commits(wait=True)
         of = self.current
         if of is None:
             if not (final and self.spool.files_written == 0 and not self.suspended):
@@ -342,6 +359,9 @@ class Pipeline:
         try:
             extra = self.output.end_file(end_time, final)
             meta = self._metadata(of, end_time, extra)
+            if not final:
+                self.spool.commit_later(of, meta)
+                return
             self.spool.commit(of, meta)
         except OSError as exc:
             if not is_space_error(exc):
@@ -350,9 +370,25 @@ class Pipeline:
             return
         finally:
             self.current = None
+        self._written(of)
+
+    def _written(self, of: OpenFile) -> None:
         log.info("wrote %s: %d packets observed, %d written, %d bytes",
-                 of.name, of.counters["packets_observed"], of.counters["packets_written"], meta["size"])
+                 of.name, of.counters["packets_observed"], of.counters["packets_written"], of.file.size)
         self._write_status("running")
+
+    def _collect_commits(self, wait: bool = False) -> None:
+        """The outcomes of the files committed in the background: each logged, or, where the
+        disk was full, the file left torn for recovery and writing suspended (_disk_full)."""
+        for of, result in self.spool.committed(wait):
+            if not isinstance(result, BaseException):
+                self._written(of)
+            elif isinstance(result, OSError) and is_space_error(result):
+                self._tear(of)
+                if self.suspended != "disk full":
+                    self._disk_full()
+            else:
+                raise result
 
     def _advance(self, now: float) -> None:
         self.now = now if self.now is None else max(self.now, now)
@@ -365,6 +401,7 @@ class Pipeline:
         self.output.advance(now)
 
     def _housekeeping(self) -> None:
+        self._collect_commits()
         if self.rotate_requested and self.current is not None:
             t = max(self.now or time.time(), self.current.start_time)
             self._rotate(t, t)
@@ -416,12 +453,13 @@ class Pipeline:
     def status_line(self) -> str:
         return status_line(self.counters())
 
-    def _write_status(self, state: str) -> None:
+    def _write_status(self, state: str, wait: bool | None = None) -> None:
+        """wait (default: for any state but "running"): return once it is in the file."""
         if self.status_sink is not None:
             self.status_sink(state, self.counters())
             return
         self.spool.write_status(dict(self.counters(), state=state, experiment=self.s.experiment),
-                                wait=state != "running")
+                                wait=state != "running" if wait is None else wait)
 
     def _static_metadata(self) -> dict:
         s = self.s

@@ -8,6 +8,7 @@ complete iff its metadata record exists (docs/ARCHITECTURE.md, "The spool").
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import hashlib
@@ -383,6 +384,7 @@ class Spool:
         self.backlog_bytes = backlog_bytes  # for each data file's HashingFile
         self._status_fd: int | None = None   # .gims-status.json, open once created
         self._status_writer: LatestOnly | None = None
+        self._committer: Committer | None = None
         self.prefix = f"{experiment}_{site}"
         self.ext = ext
         self.files_written = 0
@@ -413,6 +415,11 @@ class Spool:
 
         On failure (a full disk) nothing is deleted: the temp file, or the data file already
         renamed but without its record, is left for recovery (capture_daemon.recovery)."""
+        final = self._publish(of, metadata)
+        self._count(of)
+        return final
+
+    def _publish(self, of: OpenFile, metadata: dict) -> str:
         try:
             of.file.finish()
             final = self._place(of)
@@ -422,9 +429,37 @@ class Spool:
         except OSError:
             of.file.detach()
             raise
+        return final
+
+    def _count(self, of: OpenFile) -> None:
         self.files_written += 1
         self.bytes_written += of.file.size
-        return final
+
+    def commit_later(self, of: OpenFile, metadata: dict) -> None:
+        """commit() in a thread of its own (Committer), so that the capture thread goes on at a
+        rotation while the file's last bytes, its fsync, rename, metadata record and the
+        directory's fsync are written: with a disk slow to sync just then, the capture thread
+        waited in them. committed() hands back the outcomes."""
+        if self._committer is None:
+            self._committer = Committer(self._publish)
+        self._committer.submit(of, metadata)
+
+    def committed(self, wait: bool = False) -> list:
+        """[(OpenFile, final path or the exception)] of the commits done since the last call,
+        in order; counted here, in the caller's thread. wait: for every commit handed over."""
+        if self._committer is None:
+            return []
+        done = self._committer.results(wait)
+        for of, result in done:
+            if not isinstance(result, BaseException):
+                self._count(of)
+        return done
+
+    @property
+    def committing_bytes(self) -> int:
+        """Bytes of the files handed to commit_later and not handed back by committed() yet
+        (the quota counts them)."""
+        return self._committer.pending_bytes if self._committer else 0
 
     def _place(self, of: OpenFile) -> str:
         """Give the finished temp file its final name without ever replacing a file.
@@ -481,6 +516,51 @@ class Spool:
                 os.pwrite(self._status_fd, page, 0)
         except OSError:
             pass  # best effort: STATUS= over sd_notify carries the same counters
+
+
+class Committer:
+    """Runs publish(of, metadata) for each file handed over, in order, in a thread of its own;
+    results(wait) returns [(of, path or the exception)] of those done."""
+
+    def __init__(self, publish):
+        self._publish = publish
+        self._cv = threading.Condition()
+        self._waiting: collections.deque = collections.deque()   # (of, metadata)
+        self._done: list = []
+        self._open = 0             # handed over, not done
+        self.pending_bytes = 0     # sizes of those not handed back by results() yet
+        self._thread = threading.Thread(target=self._run, name="gims-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, of, metadata) -> None:
+        with self._cv:
+            self._waiting.append((of, metadata))
+            self._open += 1
+            self.pending_bytes += of.file.size
+            self._cv.notify_all()
+
+    def results(self, wait: bool = False) -> list:
+        with self._cv:
+            while wait and self._open:
+                self._cv.wait()
+            done, self._done = self._done, []
+            self.pending_bytes -= sum(of.file.size for of, _ in done)
+            return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting:
+                    self._cv.wait()
+                of, metadata = self._waiting.popleft()
+            try:
+                result = self._publish(of, metadata)
+            except BaseException as exc:  # handed to the capture thread, which decides
+                result = exc
+            with self._cv:
+                self._done.append((of, result))
+                self._open -= 1
+                self._cv.notify_all()
 
 
 class LatestOnly:

@@ -255,3 +255,52 @@ def test_a_status_write_stalled_by_the_disk_does_not_hold_up_the_capture(tmp_pat
     assert not done.is_alive()
     with open(tmp_path / ".gims-status.json") as fh:  # ...and is what the file holds after it
         assert json.load(fh)["n"] == 50
+
+
+def _file_with(s, start_time, data):
+    of = s.open(start_time)
+    of.file.write(data)
+    return of
+
+
+def test_a_rotation_does_not_wait_for_the_disk_to_sync(tmp_path, monkeypatch):
+    """At a rotation the closed file is committed by a thread of its own (Spool.commit_later):
+    with every fsync stalled, handing it over returns at once, the next file is written
+    meanwhile, and once the disk syncs the file is published and counted, in order."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+    release = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool.os, "fsync", lambda fd: (release.wait(30), real_fsync(fd)))
+    monkeypatch.setattr("capture_daemon.atomic.os.fsync", lambda fd: (release.wait(30), real_fsync(fd)))
+    a = _file_with(s, 1000.0, os.urandom(300_000))
+    t0 = time.monotonic()
+    s.commit_later(a, {"n": 1})
+    b = _file_with(s, 1001.0, os.urandom(1000))  # the capture goes on into the next file
+    assert time.monotonic() - t0 < 1
+    assert s.committed() == [] and s.files_written == 0
+    assert s.committing_bytes == 300_000  # the quota still counts it
+    release.set()
+    done = s.committed(wait=True)
+    assert [(of.name, os.path.basename(p)) for of, p in done] == [(a.name, a.name)]
+    assert (s.files_written, s.bytes_written, s.committing_bytes) == (1, 300_000, 0)
+    with open(tmp_path / (a.name + ".meta.json")) as fh:
+        assert json.load(fh)["sha256"] == a.file.sha256.hexdigest()
+    s.commit(b, {"n": 2})
+    assert s.files_written == 2
+
+
+def test_a_background_commit_that_finds_the_disk_full_leaves_the_file_for_recovery(tmp_path, monkeypatch):
+    """ENOSPC in the committer: handed back as the outcome, the temp file left (detached)
+    for recovery, nothing counted."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "write_json_atomic", full)
+    a = _file_with(s, 1000.0, os.urandom(5000))
+    s.commit_later(a, {})
+    [(of, result)] = s.committed(wait=True)
+    assert of is a and isinstance(result, OSError) and result.errno == errno.ENOSPC
+    assert (s.files_written, s.bytes_written, s.committing_bytes) == (0, 0, 0)
+    assert not (tmp_path / (a.name + ".meta.json")).exists()
