@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from . import libc
@@ -213,10 +214,8 @@ class DirectWriter:
         self.fill = 0             # staged bytes
         self.pos = 0              # file offset of the stage's first byte
         self.plain_only = False   # O_DIRECT writes refused (EINVAL): the ordinary descriptor
-        self._io: threading.Thread | None = None  # started at the first write-out
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # (stage, bytes, offset), None
-        self._results: queue.SimpleQueue = queue.SimpleQueue()   # None or the OSError, per request
-        self._in_flight = False   # the spare stage is being written
+        self._io: ThreadPoolExecutor | None = None  # the disk's thread, from the first write-out
+        self._in_flight: Future | None = None       # the spare stage's write
 
     @classmethod
     def open(cls, path: str, plain_fd: int) -> "DirectWriter | None":
@@ -257,32 +256,20 @@ class DirectWriter:
             self._stages.append(mmap.mmap(-1, DIRECT_STAGE_BYTES))
             self._spare = memoryview(self._stages[1])
         if self._io is None:
-            self._io = threading.Thread(target=self._serve, name="gims-disk", daemon=True)
-            self._io.start()
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="gims-disk")
         rest = self.fill - whole
         self._spare[:rest] = self.view[whole:self.fill]
-        self._requests.put((self.view, whole, self.pos))
-        self._in_flight = True
+        self._in_flight = self._io.submit(self._write_out, self.view, whole, self.pos)
         self.view, self._spare = self._spare, self.view
         self.fill = rest
         self.pos += whole
 
     def _wait(self) -> None:
-        """Wait for the write in flight; its error (ENOSPC, EIO) is raised here."""
-        if self._in_flight:
-            self._in_flight = False
-            error = self._results.get()
-            if error is not None:
-                raise error
-
-    def _serve(self) -> None:
-        """The I/O thread: write the stages it is given, one at a time, in order."""
-        while (request := self._requests.get()) is not None:
-            try:
-                self._write_out(*request)
-                self._results.put(None)
-            except OSError as exc:  # without its traceback, whose frames hold views of a stage
-                self._results.put(exc.with_traceback(None))
+        """Wait for the write in flight; its error (ENOSPC, EIO) is raised here, without the
+        disk thread's traceback, whose frames hold views of a stage."""
+        done, self._in_flight = self._in_flight, None
+        if done is not None and (error := done.exception()) is not None:
+            raise error.with_traceback(None)
 
     def _write_out(self, stage: memoryview, whole: int, offset: int) -> None:
         """stage[:whole] (whole blocks) at offset: direct, or the plain way once refused."""
@@ -320,8 +307,7 @@ class DirectWriter:
             self.fill = 0
         finally:
             if self._io is not None:  # it finishes a write in flight first
-                self._requests.put(None)
-                self._io.join()
+                self._io.shutdown(wait=True)
             os.close(self.fd)
             self.fd = -1
             try:
@@ -384,7 +370,8 @@ class Spool:
         self.backlog_bytes = backlog_bytes  # for each data file's HashingFile
         self._status_fd: int | None = None   # .gims-status.json, open once created
         self._status_writer: LatestOnly | None = None
-        self._committer: Committer | None = None
+        self._committer: ThreadPoolExecutor | None = None  # see commit_later
+        self._committing: collections.deque = collections.deque()  # (OpenFile, Future), in order
         self.prefix = f"{experiment}_{site}"
         self.ext = ext
         self.files_written = 0
@@ -436,30 +423,31 @@ class Spool:
         self.bytes_written += of.file.size
 
     def commit_later(self, of: OpenFile, metadata: dict) -> None:
-        """commit() in a thread of its own (Committer), so that the capture thread goes on at a
+        """commit() in a thread of its own (one per spool, in order), so that the capture thread goes on at a
         rotation while the file's last bytes, its fsync, rename, metadata record and the
         directory's fsync are written: with a disk slow to sync just then, the capture thread
         waited in them. committed() hands back the outcomes."""
         if self._committer is None:
-            self._committer = Committer(self._publish)
-        self._committer.submit(of, metadata)
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="gims-commit")
+        self._committing.append((of, self._committer.submit(self._publish, of, metadata)))
 
     def committed(self, wait: bool = False) -> list:
         """[(OpenFile, final path or the exception)] of the commits done since the last call,
         in order; counted here, in the caller's thread. wait: for every commit handed over."""
-        if self._committer is None:
-            return []
-        done = self._committer.results(wait)
-        for of, result in done:
-            if not isinstance(result, BaseException):
+        done = []
+        while self._committing and (wait or self._committing[0][1].done()):
+            of, future = self._committing.popleft()
+            error = future.exception()
+            if error is None:
                 self._count(of)
+            done.append((of, future.result() if error is None else error))
         return done
 
     @property
     def committing_bytes(self) -> int:
         """Bytes of the files handed to commit_later and not handed back by committed() yet
         (the quota counts them)."""
-        return self._committer.pending_bytes if self._committer else 0
+        return sum(of.file.size for of, _ in self._committing)
 
     def _place(self, of: OpenFile) -> str:
         """Give the finished temp file its final name without ever replacing a file.
@@ -516,51 +504,6 @@ class Spool:
                 os.pwrite(self._status_fd, page, 0)
         except OSError:
             pass  # best effort: STATUS= over sd_notify carries the same counters
-
-
-class Committer:
-    """Runs publish(of, metadata) for each file handed over, in order, in a thread of its own;
-    results(wait) returns [(of, path or the exception)] of those done."""
-
-    def __init__(self, publish):
-        self._publish = publish
-        self._cv = threading.Condition()
-        self._waiting: collections.deque = collections.deque()   # (of, metadata)
-        self._done: list = []
-        self._open = 0             # handed over, not done
-        self.pending_bytes = 0     # sizes of those not handed back by results() yet
-        self._thread = threading.Thread(target=self._run, name="gims-commit", daemon=True)
-        self._thread.start()
-
-    def submit(self, of, metadata) -> None:
-        with self._cv:
-            self._waiting.append((of, metadata))
-            self._open += 1
-            self.pending_bytes += of.file.size
-            self._cv.notify_all()
-
-    def results(self, wait: bool = False) -> list:
-        with self._cv:
-            while wait and self._open:
-                self._cv.wait()
-            done, self._done = self._done, []
-            self.pending_bytes -= sum(of.file.size for of, _ in done)
-            return done
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._waiting:
-                    self._cv.wait()
-                of, metadata = self._waiting.popleft()
-            try:
-                result = self._publish(of, metadata)
-            except BaseException as exc:  # handed to the capture thread, which decides
-                result = exc
-            with self._cv:
-                self._done.append((of, result))
-                self._open -= 1
-                self._cv.notify_all()
 
 
 class LatestOnly:
