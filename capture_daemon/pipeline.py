@@ -103,7 +103,10 @@ class Pipeline:
             end = self.now if self.now is not None else time.time()
             if self.source.live:
                 end = max(end, time.time())
-            self._close_current(end, final=True)
+            try:
+                self._close_current(end, final=True)
+            finally:
+                self.spool.discard_prepared(wait=True)
             self.output.close()
             self._write_status("stopped")
         return self.totals
@@ -233,6 +236,7 @@ class Pipeline:
         if of is not None:
             of.file.detach()
             self._tear(of)
+        self.spool.discard_prepared()
         self.suspended = "disk full"
         self.guard.release_reserve()
         log.error("spool %s is full: packets are counted but not written until space returns",
@@ -249,6 +253,7 @@ class Pipeline:
         """Close the current file cleanly and stop writing (the per-experiment quota)."""
         t = self.now if self.now is not None else time.time()
         self._close_current(t, final=False)
+        self.spool.discard_prepared()
         if self.suspended is None:
             self.suspended = reason
             log.error("spool %s is over its quota of %d bytes: packets are counted but not "
@@ -261,8 +266,10 @@ class Pipeline:
         self.last_resume_check = wall
         if self.suspended == "disk full":
             # Files still being committed in the background end first (committed or torn):
-            # recovery must not take a temp file its committer is still writing.
+            # recovery must not take a temp file its committer is still writing, nor the empty
+            # one made ahead for the next file.
             self._collect_commits(wait=True)
+            self.spool.discard_prepared(wait=True)
             # Give the torn file its whole records and a metadata record first, so the
             # uploader can ship it and free its space. This needs only a page or two; if
             # even that fails, it is tried again a second later (recovery is idempotent).
@@ -316,6 +323,9 @@ class Pipeline:
             self.current = self.spool.open(t)
             self.boundary = self._interval_end(t)
             self.output.start_file(self.current.file, t)
+            if self.source.live and self.boundary != math.inf:
+                # the next file made ahead, so that the rotation waits for no disk
+                self.spool.prepare(self.boundary)
         except OSError as exc:
             if not is_space_error(exc):
                 raise

@@ -344,6 +344,19 @@ def utc_iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _remove_unused(prepared: Future) -> None:
+    """Remove a prepared file nobody wrote to (see Spool.discard_prepared)."""
+    try:
+        of = prepared.result()
+    except OSError:
+        return  # never created
+    of.file.detach()
+    try:
+        os.unlink(of.file.path)
+    except OSError:
+        pass  # an empty temp file left: recovery removes it (nothing whole to recover)
+
+
 def file_stamp(t: float) -> str:
     return datetime.fromtimestamp(int(t), timezone.utc).strftime("%Y%m%d%H%M%S")
 
@@ -372,6 +385,9 @@ class Spool:
         self._status_writer: LatestOnly | None = None
         self._committer: ThreadPoolExecutor | None = None  # see commit_later
         self._committing: collections.deque = collections.deque()  # (OpenFile, Future), in order
+        self._preparer: ThreadPoolExecutor | None = None   # see prepare
+        self._prepared: tuple[float, Future] | None = None  # (start time, the OpenFile's future)
+        self._discarded: Future | None = None               # the last discard_prepared's job
         self.prefix = f"{experiment}_{site}"
         self.ext = ext
         self.files_written = 0
@@ -389,6 +405,18 @@ class Spool:
         return name
 
     def open(self, start_time: float) -> OpenFile:
+        """The file for packets from start_time on: the one prepare() made for this start
+        time if there is one (no file system call here), else created now."""
+        if self._prepared is not None and self._prepared[0] == start_time:
+            future = self._prepared[1]
+            self._prepared = None
+            try:
+                return future.result()
+            except OSError:
+                pass  # e.g. the disk was full then: creating it now tells whether it still is
+        return self._create(start_time)
+
+    def _create(self, start_time: float) -> OpenFile:
         while True:
             name = self._final_name(start_time)
             tmp = os.path.join(self.directory, f".{name}.tmp")
@@ -396,6 +424,30 @@ class Spool:
                 return OpenFile(name, tmp, start_time, self.backlog_bytes)
             except FileExistsError:
                 continue  # another writer took this name between our check and the create
+
+    def prepare(self, start_time: float) -> None:
+        """Create the file for start_time now, in a thread of its own, for open(start_time).
+
+        A live capture calls this for its next file as soon as it opens one: at the rotation
+        the file is there, so the capture thread makes no file system call (on a file system
+        that stalls just then, creating the file waited for it while the kernel dropped
+        packets). One file at a time: an earlier one not taken is discarded."""
+        self.discard_prepared()
+        if self._preparer is None:
+            self._preparer = ThreadPoolExecutor(1, thread_name_prefix="gims-prepare")
+        self._prepared = (start_time, self._preparer.submit(self._create, start_time))
+
+    def discard_prepared(self, wait: bool = False) -> None:
+        """Remove the file prepare() made and open() did not take, in the preparing thread
+        (after its creation; removing waits for a stalled disk too). wait: until it is gone
+        (before recovery, which would otherwise take the empty temp file for a torn one)."""
+        if self._prepared is not None:
+            future = self._prepared[1]
+            self._prepared = None
+            self._discarded = self._preparer.submit(_remove_unused, future)
+        if wait and self._discarded is not None:
+            self._discarded.result()
+            self._discarded = None
 
     def commit(self, of: OpenFile, metadata: dict) -> str:
         """fsync + rename the data file, then write its metadata record; returns the path.

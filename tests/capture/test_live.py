@@ -277,13 +277,10 @@ for i in range(n):
 """
 
 
-def test_a_stalled_spool_disk_loses_no_packet(tmp_path, veth):
-    """The spool's file system stops taking writes for 1.5 s (fsfreeze on an ext4 mounted
-    for this test) in the middle of a live capture whose kernel buffer holds well under that
-    much traffic: the capture thread goes on reading (data waits in the writer's memory
-    backlog, the status file's write in a thread of its own), and every packet sent is in
-    the files. Before, the capture thread waited for the frozen disk and the kernel dropped."""
-    host, ns = veth
+@pytest.fixture
+def frozen_spool(tmp_path):
+    """A spool on an ext4 of its own (a loop device), and freeze(seconds, at=None) to stop it
+    taking writes (fsfreeze) for that long, from wall-clock time at (now if None)."""
     need_tool("mkfs.ext4")
     need_tool("fsfreeze")
     image, mnt = tmp_path / "spool.img", tmp_path / "mnt"
@@ -291,27 +288,64 @@ def test_a_stalled_spool_disk_loses_no_packet(tmp_path, veth):
     sh("truncate", "-s", "256M", str(image))
     sh("mkfs.ext4", "-q", "-F", str(image))
     sh("mount", "-o", "loop", str(image), str(mnt))
-    try:
-        out = str(mnt / "spool")
-        # 1 MiB of kernel buffer: ~8k small frames, a fifth of a second at 40k packets/s
-        proc = start_capture(out, host, "--filter", "udp port 9999", "--buffer-bytes", str(1 << 20))
-        n, rate = 120_000, 40_000
-        sender = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PACED_SENDER, str(n), str(rate)])
-        time.sleep(1.0)
+
+    def freeze(seconds, at=None):
+        if at is not None:
+            time.sleep(max(0.0, at - time.time()))
         sh("fsfreeze", "-f", str(mnt))
         try:
-            time.sleep(1.5)
+            time.sleep(seconds)
         finally:
             sh("fsfreeze", "-u", str(mnt))
-        assert sender.wait(timeout=60) == 0
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
-        files = data_files(out)
-        written = sum(metadata(f)["packets_written"] for f in files)
-        drops = metadata(files[-1])["pcap_stats"]["ps_drop"]
-        assert (written, drops) == (n, 0)
-        assert sum(pcap_count(f) for f in files) == n
+
+    try:
+        yield str(mnt / "spool"), freeze
     finally:
         sh("fsfreeze", "-u", str(mnt), check=False)
         sh("umount", str(mnt), check=False)
+
+
+def _capture_through_a_freeze(veth, out, freeze, n, extra=(), at=None):
+    """n packets at 40k packets/s into a capture with 1 MiB of kernel buffer (~8k small
+    frames, a fifth of a second), the spool frozen for 1.5 s meanwhile (from time at, else
+    after 1 s): every packet sent must be in the files, none dropped."""
+    host, ns = veth
+    proc = start_capture(out, host, "--filter", "udp port 9999", "--buffer-bytes", str(1 << 20), *extra)
+    sender = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", PACED_SENDER, str(n), "40000"])
+    if at is None:
+        time.sleep(1.0)
+    freeze(1.5, at)
+    assert sender.wait(timeout=60) == 0
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    files = data_files(out)
+    written = sum(metadata(f)["packets_written"] for f in files)
+    drops = metadata(files[-1])["pcap_stats"]["ps_drop"]
+    assert (written, drops) == (n, 0)
+    assert sum(pcap_count(f) for f in files) == n
+    return files
+
+
+def test_a_stalled_spool_disk_loses_no_packet(veth, frozen_spool):
+    """The spool's file system stops taking writes for 1.5 s in the middle of a live capture
+    whose kernel buffer holds well under that much traffic: the capture thread goes on
+    reading (data waits in the writer's memory backlog, the status file's write in a thread
+    of its own), and every packet sent is in the files. Before, the capture thread waited for
+    the frozen disk and the kernel dropped."""
+    out, freeze = frozen_spool
+    _capture_through_a_freeze(veth, out, freeze, 120_000)
+
+
+def test_a_rotation_on_a_stalled_spool_disk_loses_no_packet(veth, frozen_spool):
+    """The same with files rotated every 2 s and the freeze starting 0.3 s before a
+    rotation: the closed file is committed by a thread of its own, and the next one was
+    created ahead (Spool.prepare), so the capture thread makes no file system call at the
+    rotation. Before, it waited in the next file's create until the disk thawed, and the
+    kernel dropped."""
+    out, freeze = frozen_spool
+    t = time.time() + 1.0
+    boundary = (int(t // 2) + 1) * 2
+    files = _capture_through_a_freeze(veth, out, freeze, 200_000, ("--rollover", "2"), at=boundary - 0.3)
+    assert len(files) >= 3
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the last prepared one removed

@@ -304,3 +304,77 @@ def test_a_background_commit_that_finds_the_disk_full_leaves_the_file_for_recove
     assert of is a and isinstance(result, OSError) and result.errno == errno.ENOSPC
     assert (s.files_written, s.bytes_written, s.committing_bytes) == (0, 0, 0)
     assert not (tmp_path / (a.name + ".meta.json")).exists()
+
+
+def _hidden(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_prepared_file_is_opened_without_touching_the_disk(tmp_path, monkeypatch):
+    """prepare(t) creates the file for start time t in a thread of its own; open(t) then takes
+    it without a file system call (creating it is what blocks on a stalled file system), and
+    the file is written and committed like any other."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+    s.prepare(1000.0)
+    s._prepared[1].result(10)  # made in the background
+    assert _hidden(tmp_path) == [".e_S_19700101001640.pcap.tmp"]
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("open() touched the file system")
+
+    monkeypatch.setattr(spool, "OpenFile", no_disk)
+    monkeypatch.setattr(spool.os, "open", no_disk)
+    of = s.open(1000.0)
+    monkeypatch.undo()
+    assert of.start_time == 1000.0 and of.name == "e_S_19700101001640.pcap"
+    data = os.urandom(10_000)
+    of.file.write(data)
+    final = s.commit(of, {})
+    with open(final, "rb") as fh:
+        assert fh.read() == data
+    s.discard_prepared(wait=True)  # nothing prepared: nothing to do
+    assert _hidden(tmp_path) == []
+
+
+def test_a_prepared_file_not_taken_is_removed(tmp_path):
+    """A prepared file for another start time (a rotation requested by SIGHUP, a quiet spell)
+    is not taken: open() creates the right one, and discard_prepared removes the unused one;
+    so does prepare() for a later start time."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+    s.prepare(1000.0)
+    of = s.open(999.0)
+    assert of.name == "e_S_19700101001639.pcap"
+    s.prepare(1001.0)  # the one for 1000 goes
+    s.discard_prepared(wait=True)
+    assert _hidden(tmp_path) == [f".{of.name}.tmp"]
+    assert not [t for t in threading.enumerate() if t.name == "gims-writer" and t.is_alive()
+                and t is not of.file._thread]
+    s.commit(of, {})
+    assert _hidden(tmp_path) == []
+
+
+def test_a_prepared_file_that_could_not_be_made_is_made_at_open(tmp_path, monkeypatch):
+    """prepare() on a full disk: the error is not lost, open() creates the file itself and
+    raises what the disk says then."""
+    s = spool.Spool(str(tmp_path), "e", "S", "pcap")
+    real = spool.OpenFile
+    full = {"on": True}
+
+    def open_file(*args, **kwargs):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool, "OpenFile", open_file)
+    s.prepare(1000.0)
+    s._prepared[1].exception(10)
+    with pytest.raises(OSError) as e:
+        s.open(1000.0)
+    assert e.value.errno == errno.ENOSPC
+    s.prepare(2000.0)
+    s._prepared[1].exception(10)
+    full["on"] = False  # room again
+    of = s.open(2000.0)
+    assert of.start_time == 2000.0
+    s.commit(of, {})
+    assert s.files_written == 1
