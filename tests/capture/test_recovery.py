@@ -57,3 +57,18 @@ def test_torn_file_without_a_whole_record_is_removed(tmp_path):
     [only] = data_files(spool)
     assert metadata(only)["recovered"] is False
     assert not (spool / "rec_LAB_20200101000000.pcap").exists()
+
+
+def test_an_empty_temp_file_is_removed_quietly(tmp_path):
+    """A live capture killed with its next file already made (Spool.prepare) leaves an empty
+    temp file: removed at the next start, with no warning (nothing was torn)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / ".rec_LAB_20200101000000.pcap.tmp").write_bytes(b"")
+    done = run_capture("--read", os.path.join(DATA, "zeek__5-pings.pcap"), "--output-dir", spool,
+                       "--experiment", "rec", "--site", "LAB")
+    [only] = data_files(spool)
+    assert metadata(only)["recovered"] is False
+    assert not [n for n in os.listdir(spool) if n.endswith(".tmp")]
+    assert "removing .rec_LAB_20200101000000.pcap.tmp: empty" in done.stderr
+    assert "WARNING" not in done.stderr
