@@ -150,7 +150,7 @@ def supervise(settings, verbose: bool = False) -> int:
 
     def write_status(state):
         status_spool.write_status(dict(totals(), state=state, experiment=settings.experiment,
-                                       workers=n, fanout_group=group), wait=state != "running")
+                                       workers=n, fanout_group=group))
 
     def stop_all(sig=signal.SIGTERM):
         for w in workers:

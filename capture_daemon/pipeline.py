@@ -464,12 +464,12 @@ class Pipeline:
         return status_line(self.counters())
 
     def _write_status(self, state: str, wait: bool | None = None) -> None:
-        """wait (default: for any state but "running"): return once it is in the file."""
+        """wait: see Spool.write_status."""
         if self.status_sink is not None:
             self.status_sink(state, self.counters())
             return
         self.spool.write_status(dict(self.counters(), state=state, experiment=self.s.experiment),
-                                wait=state != "running" if wait is None else wait)
+                                wait)
 
     def _static_metadata(self) -> dict:
         s = self.s

@@ -519,14 +519,17 @@ class Spool:
 
     STATUS_BYTES = 4096
 
-    def write_status(self, status: dict, wait: bool = False) -> None:
+    def write_status(self, status: dict, wait: bool | None = None) -> None:
         """Have .gims-status.json rewritten with status (see _write_status_now).
 
         A thread of its own writes it (LatestOnly): the capture thread only hands the newest
         status over, so a disk that stalls does not stop the capture (a status write waiting
         for a frozen file system held up the capture thread, and packets were dropped:
-        docs/PERFORMANCE.md). wait: return once this status is written (the last, at exit).
+        docs/PERFORMANCE.md). wait: return once this status is written; by default for any
+        state but "running" (the last, at exit, must be in the file when the process ends).
         """
+        if wait is None:
+            wait = status.get("state") != "running"
         data = json.dumps(dict(status, updated=utc_iso(time.time()), pid=os.getpid()),
                           sort_keys=True).encode()
         if self._status_writer is None:
