@@ -31,7 +31,6 @@ import ipaddress
 import os
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 try:  # C versions (capture_daemon/_accel_anon.c): the cache lookup (same tables and slots) and
     # a Crypto-PAn core the one-pass rewrite of anonymize.py computes new addresses with
@@ -100,28 +99,12 @@ class CryptoPAn:
         key = bytes(key)
         if len(key) != KEY_BYTES:
             raise ValueError(f"Crypto-PAn key must be {KEY_BYTES} bytes, got {len(key)}")
-        # ECB is stateless, so one encryptor serves every call.
-        self._enc = Cipher(algorithms.AES(key[:16]), modes.ECB()).encryptor()
-        pad = np.frombuffer(self._enc.update(key[16:]), np.uint8).copy()
-        self._pad = pad
         self.fingerprint = fingerprint(key)
-        # IPv4: the block's first 32-bit word is (prefix of the address | rest of the pad's
-        # first word); the other 12 bytes are always the pad's.
-        pos = np.arange(32, dtype=np.uint64)
-        self._mask4 = ((np.uint64(0xFFFFFFFF) << (np.uint64(32) - pos)) & np.uint64(0xFFFFFFFF)
-                       ).astype(np.uint32)  # pos 0 → 0 (shift by 32 of a uint64 is defined)
-        pad_w0 = np.uint32(int.from_bytes(pad[:4].tobytes(), "big"))
-        self._padpart4 = (pad_w0 & ~self._mask4).astype(np.uint32)
-        self._padtail4 = pad[4:16].view(">u4").copy()  # three big-endian words
-        # IPv6 as two big-endian 64-bit lanes; mask64[pos] has the first pos bits set.
-        pos = np.arange(64, dtype=np.uint64)
-        ones = np.uint64(0xFFFFFFFFFFFFFFFF)
-        self._mask64 = np.zeros(64, np.uint64)
-        self._mask64[1:] = ones << (np.uint64(64) - pos[1:])
-        self._pad6_lanes = pad.view(">u8").astype(np.uint64)
-        self._padpart6_hi = self._pad6_lanes[0] & ~self._mask64
-        self._padpart6_lo = self._pad6_lanes[1] & ~self._mask64
-        self._scr = None  # scratch buffers, allocated on first use
+        # The numpy version (reference and fallback) is set up on first use (_numpy): with the
+        # C core built, a capture never needs it, nor the cryptography package it encrypts
+        # with (~13 ms of start-up and ~7 MB of memory).
+        self._key = key
+        self._numpy_core: _NumpyCore | None = None
         # Direct-mapped caches (see the module doc): key, value, filled flag per slot. np.zeros
         # gets pages from the kernel lazily, so an idle cache costs little memory.
         self._bits4 = _table_bits(max_cache_v4)
@@ -149,29 +132,6 @@ class CryptoPAn:
         return ((h * _GOLDEN) >> np.uint64(64 - self._bits6)).astype(np.intp)
 
     # --- the uncached kernels -------------------------------------------------------------
-    # All AES blocks of a chunk of new addresses are built with numpy in a reusable scratch
-    # array and encrypted with ONE update_into() into a reusable output buffer. Chunks are
-    # 2 MiB of blocks (4096 IPv4 / 1024 IPv6 addresses): measured here, this cache-resident
-    # size is ~6x faster than one update() over all of 256k new addresses (128 MiB of blocks:
-    # page faults and cache misses dominate; 7.6M vs 1.2M IPv4/s, 1.7M vs 0.3M IPv6/s).
-    _CHUNK4 = 4096
-    _CHUNK6 = 1024
-
-    def _scratch(self):
-        if self._scr is None:
-            blocks4 = np.empty((self._CHUNK4, 32, 4), ">u4")
-            blocks4[:, :, 1:] = self._padtail4
-            blocks6 = np.empty((self._CHUNK6, 128, 2), ">u8")
-            blocks6[:, :64, 1] = self._pad6_lanes[1]
-            self._scr = (
-                blocks4,
-                np.empty((self._CHUNK4, 32), np.uint32),
-                blocks6,
-                np.empty((self._CHUNK6, 64), np.uint64),
-                bytearray(self._CHUNK4 * 32 * 16 + 16),
-            )
-        return self._scr
-
     def _compute_v4(self, addrs: np.ndarray) -> np.ndarray:
         """Crypto-PAn of IPv4 addresses (uint32), uncached: in C when built (1.5x faster here),
         else numpy."""
@@ -190,52 +150,16 @@ class CryptoPAn:
         _c_compute(self.core, 6, np.ascontiguousarray(addrs, np.uint8), out)
         return out
 
+    def _numpy(self) -> "_NumpyCore":
+        if self._numpy_core is None:
+            self._numpy_core = _NumpyCore(self._key)
+        return self._numpy_core
+
     def _compute_v4_numpy(self, addrs: np.ndarray) -> np.ndarray:
-        n = len(addrs)
-        out = np.empty(n, np.uint32)
-        blocks, word0, _, _, ctbuf = self._scratch()
-        ct = np.frombuffer(ctbuf, np.uint8)
-        step = self._CHUNK4
-        for s in range(0, n, step):
-            a = addrs[s:s + step]
-            m = len(a)
-            w = word0[:m]
-            np.bitwise_and(a[:, None], self._mask4, out=w)
-            np.bitwise_or(w, self._padpart4, out=w)
-            blocks[:m, :, 0] = w
-            nbytes = m * 32 * 16
-            self._enc.update_into(memoryview(blocks[:m]).cast("B"), ctbuf)
-            flips = ct[:nbytes:16].reshape(m, 32) >> 7
-            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1).view(">u4").reshape(m)
-        return out
+        return self._numpy().v4(addrs)
 
     def _compute_v6_numpy(self, addrs: np.ndarray) -> np.ndarray:
-        n = len(addrs)
-        out = np.empty((n, 16), np.uint8)
-        _, _, blocks, tmp, ctbuf = self._scratch()
-        ct = np.frombuffer(ctbuf, np.uint8)
-        step = self._CHUNK6
-        addrs = np.ascontiguousarray(addrs, np.uint8)
-        lanes = addrs.view(">u8")  # (n, 2)
-        for s in range(0, n, step):
-            a = lanes[s:s + step]
-            m = len(a)
-            b = blocks[:m]  # (m, 128, 2) big-endian 64-bit lanes
-            hi, lo = a[:, 0], a[:, 1]
-            # Positions 0..63: lane 0 = prefix of hi + pad; lane 1 = pad (prefilled).
-            np.bitwise_and(hi[:, None], self._mask64, out=tmp[:m])
-            np.bitwise_or(tmp[:m], self._padpart6_hi, out=tmp[:m])
-            b[:, :64, 0] = tmp[:m]
-            # Positions 64..127: lane 0 = the whole hi; lane 1 = prefix of lo + pad.
-            b[:, 64:, 0] = hi[:, None]
-            np.bitwise_and(lo[:, None], self._mask64, out=tmp[:m])
-            np.bitwise_or(tmp[:m], self._padpart6_lo, out=tmp[:m])
-            b[:, 64:, 1] = tmp[:m]
-            nbytes = m * 128 * 16
-            self._enc.update_into(memoryview(b).cast("B"), ctbuf)
-            flips = ct[:nbytes:16].reshape(m, 128) >> 7
-            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1)
-        return out
+        return self._numpy().v6(addrs)
 
     # --- public, cached API -------------------------------------------------------------
     def anonymize_v4(self, addrs) -> np.ndarray:
@@ -311,3 +235,101 @@ class CryptoPAn:
     def clear_cache(self) -> None:
         self._f4[:] = False
         self._f6[:] = False
+
+
+class _NumpyCore:
+    """Crypto-PAn of uncached addresses with numpy and the cryptography package's AES: the
+    reference the C core is tested against, and the fallback where it is not built."""
+
+    # All AES blocks of a chunk of new addresses are built with numpy in a reusable scratch
+    # array and encrypted with ONE update_into() into a reusable output buffer. Chunks are
+    # 2 MiB of blocks (4096 IPv4 / 1024 IPv6 addresses): measured here, this cache-resident
+    # size is ~6x faster than one update() over all of 256k new addresses (128 MiB of blocks:
+    # page faults and cache misses dominate; 7.6M vs 1.2M IPv4/s, 1.7M vs 0.3M IPv6/s).
+    _CHUNK4 = 4096
+    _CHUNK6 = 1024
+
+    def __init__(self, key: bytes):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        # ECB is stateless, so one encryptor serves every call.
+        self._enc = Cipher(algorithms.AES(key[:16]), modes.ECB()).encryptor()
+        pad = np.frombuffer(self._enc.update(key[16:]), np.uint8).copy()
+        # IPv4: the block's first 32-bit word is (prefix of the address | rest of the pad's
+        # first word); the other 12 bytes are always the pad's.
+        pos = np.arange(32, dtype=np.uint64)
+        self._mask4 = ((np.uint64(0xFFFFFFFF) << (np.uint64(32) - pos)) & np.uint64(0xFFFFFFFF)
+                       ).astype(np.uint32)  # pos 0 → 0 (shift by 32 of a uint64 is defined)
+        pad_w0 = np.uint32(int.from_bytes(pad[:4].tobytes(), "big"))
+        self._padpart4 = (pad_w0 & ~self._mask4).astype(np.uint32)
+        self._padtail4 = pad[4:16].view(">u4").copy()  # three big-endian words
+        # IPv6 as two big-endian 64-bit lanes; mask64[pos] has the first pos bits set.
+        pos = np.arange(64, dtype=np.uint64)
+        ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+        self._mask64 = np.zeros(64, np.uint64)
+        self._mask64[1:] = ones << (np.uint64(64) - pos[1:])
+        self._pad6_lanes = pad.view(">u8").astype(np.uint64)
+        self._padpart6_hi = self._pad6_lanes[0] & ~self._mask64
+        self._padpart6_lo = self._pad6_lanes[1] & ~self._mask64
+        self._scr = None  # scratch buffers, allocated on first use
+
+    def _scratch(self):
+        if self._scr is None:
+            blocks4 = np.empty((self._CHUNK4, 32, 4), ">u4")
+            blocks4[:, :, 1:] = self._padtail4
+            blocks6 = np.empty((self._CHUNK6, 128, 2), ">u8")
+            blocks6[:, :64, 1] = self._pad6_lanes[1]
+            self._scr = (
+                blocks4,
+                np.empty((self._CHUNK4, 32), np.uint32),
+                blocks6,
+                np.empty((self._CHUNK6, 64), np.uint64),
+                bytearray(self._CHUNK4 * 32 * 16 + 16),
+            )
+        return self._scr
+
+    def v4(self, addrs: np.ndarray) -> np.ndarray:
+        n = len(addrs)
+        out = np.empty(n, np.uint32)
+        blocks, word0, _, _, ctbuf = self._scratch()
+        ct = np.frombuffer(ctbuf, np.uint8)
+        step = self._CHUNK4
+        for s in range(0, n, step):
+            a = addrs[s:s + step]
+            m = len(a)
+            w = word0[:m]
+            np.bitwise_and(a[:, None], self._mask4, out=w)
+            np.bitwise_or(w, self._padpart4, out=w)
+            blocks[:m, :, 0] = w
+            nbytes = m * 32 * 16
+            self._enc.update_into(memoryview(blocks[:m]).cast("B"), ctbuf)
+            flips = ct[:nbytes:16].reshape(m, 32) >> 7
+            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1).view(">u4").reshape(m)
+        return out
+
+    def v6(self, addrs: np.ndarray) -> np.ndarray:
+        n = len(addrs)
+        out = np.empty((n, 16), np.uint8)
+        _, _, blocks, tmp, ctbuf = self._scratch()
+        ct = np.frombuffer(ctbuf, np.uint8)
+        step = self._CHUNK6
+        addrs = np.ascontiguousarray(addrs, np.uint8)
+        lanes = addrs.view(">u8")  # (n, 2)
+        for s in range(0, n, step):
+            a = lanes[s:s + step]
+            m = len(a)
+            b = blocks[:m]  # (m, 128, 2) big-endian 64-bit lanes
+            hi, lo = a[:, 0], a[:, 1]
+            # Positions 0..63: lane 0 = prefix of hi + pad; lane 1 = pad (prefilled).
+            np.bitwise_and(hi[:, None], self._mask64, out=tmp[:m])
+            np.bitwise_or(tmp[:m], self._padpart6_hi, out=tmp[:m])
+            b[:, :64, 0] = tmp[:m]
+            # Positions 64..127: lane 0 = the whole hi; lane 1 = prefix of lo + pad.
+            b[:, 64:, 0] = hi[:, None]
+            np.bitwise_and(lo[:, None], self._mask64, out=tmp[:m])
+            np.bitwise_or(tmp[:m], self._padpart6_lo, out=tmp[:m])
+            b[:, 64:, 1] = tmp[:m]
+            nbytes = m * 128 * 16
+            self._enc.update_into(memoryview(b).cast("B"), ctbuf)
+            flips = ct[:nbytes:16].reshape(m, 128) >> 7
+            out[s:s + m] = addrs[s:s + m] ^ np.packbits(flips, axis=1)
+        return out
