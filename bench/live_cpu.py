@@ -12,8 +12,9 @@ command as live.py.
 
 --perf runs `perf record -g` on the capturer during the send window, --pyspy `py-spy record`
 (raw collapsed stacks); a profiled run's CPU figure includes the profiler's disturbance.
---batch-stats (gims only) records how many packets each next_batch call returned and how many
-each batch handed to the pipeline held, and prints their distribution.
+--batch-stats (gims only) records how many packets each read (pcap_dispatch, or next_batch
+without _accel_live) returned and how many each batch handed to the pipeline held, and prints
+their distribution.
 
 --freeze-for S [--freeze-after T] stalls the disk under the capture: the file system holding
 --workdir (which must be a mount point of its own, never /) is frozen with fsfreeze T seconds
@@ -52,8 +53,16 @@ from run import DEFAULT_WORKDIR, ensure_key  # noqa: E402
 # the counts go to $GIMS_BATCH_STATS as JSON at exit. Bench-only: nothing of it is in gims.
 BATCH_STATS_RUNNER = r"""
 import atexit, json, os, sys
+import capture_daemon.coalesce as coalesce
 import capture_daemon.source as source
 calls, batches = [], []
+# the C reader (_accel_live): each RecordReads.read is one pcap_dispatch
+read = coalesce.RecordReads.read
+def counting_read(self):
+    got = read(self)
+    calls.append(got)
+    return got
+coalesce.RecordReads.read = counting_read
 class Counting:
     def __init__(self, handle): self._h = handle
     def __getattr__(self, name): return getattr(self._h, name)
@@ -65,16 +74,16 @@ init = source.PcapSource.__init__
 def counting_init(self, handle, *a, **kw):
     init(self, Counting(handle), *a, **kw)
 source.PcapSource.__init__ = counting_init
-orig = source.PcapSource.batches
+orig = source.LiveSource.batches
 def counting_batches(self):
     for b in orig(self):
         batches.append(0 if b is None else len(b))
         yield b
-source.PcapSource.batches = counting_batches
+source.LiveSource.batches = counting_batches
 @atexit.register
 def dump():
     with open(os.environ["GIMS_BATCH_STATS"], "w") as f:
-        json.dump({"next_batch": calls, "batches": batches}, f)
+        json.dump({"reads": calls, "batches": batches}, f)
 from capture_daemon.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -230,7 +239,7 @@ def main() -> int:
     if a.batch_stats and os.path.exists(stats_file):
         with open(stats_file) as f:
             st = json.load(f)
-        print("next_batch:", distribution(st["next_batch"]))
+        print("reads (pcap_dispatch, or next_batch without _accel_live):", distribution(st["reads"]))
         print("batches to the pipeline:", distribution(st["batches"]))
     subprocess.run(["rm", "-rf", outdir])
     return 0
