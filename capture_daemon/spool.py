@@ -348,8 +348,8 @@ def _remove_unused(prepared: Future) -> None:
     """Remove a prepared file nobody wrote to (see Spool.discard_prepared)."""
     try:
         of = prepared.result()
-    except OSError:
-        return  # never created
+    except Exception:  # never created (the error would have been raised had it been taken)
+        return
     of.file.detach()
     try:
         os.unlink(of.file.path)
