@@ -112,11 +112,11 @@ def recover_one(directory: str, src: str, final: str, base_meta: dict) -> str | 
     measure = WHOLE_LENGTH.get(ext)
     with open(src, "rb") as fh:
         data = fh.read()
-    result = measure(data) if measure else None
     if not data:  # e.g. the next file, made ahead (Spool.prepare), never written to
         log.info("removing %s: empty", os.path.basename(src))
         _unlink(src)
         return None
+    result = measure(data) if measure else None
     if result is None or result[0] == 0 or result[1] == 0:
         log.warning("removing %s: nothing whole to recover", os.path.basename(src))
         _unlink(src)
