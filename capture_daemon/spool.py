@@ -354,7 +354,7 @@ def _remove_unused(prepared: Future) -> None:
     try:
         os.unlink(of.file.path)
     except OSError:
-        pass  # an empty temp file left: recovery removes it (nothing whole to recover)
+        pass  # an empty temp file left: recovery removes it at the next start ("empty")
 
 
 def file_stamp(t: float) -> str:
